@@ -1,0 +1,161 @@
+"""The ``lemoe`` command line: run a protocol, run the demo, re-score saved results or states."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_EDITS = 20
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as JSON when it is JSON (numbers, true, null, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--opt expects KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from lemoe.methods import method_names
+    from lemoe.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--method", default="ft-m", help=f"editing method: {', '.join(method_names())}")
+    p.add_argument(
+        "--data",
+        default="zsre:sample",
+        help="KIND:PATH with KIND in zsre, counterfact, hallucination, temporal, jsonl; PATH 'sample' is the packaged sample",
+    )
+    p.add_argument("--zsre-target", choices=["alt", "answer"], default="alt", help="ZsRE edit target (default alt)")
+    p.add_argument("--edits", type=int, default=DEMO_EDITS, help="total number of edits")
+    p.add_argument("--edits-per-step", type=int, default=1, help="edits applied per step (batch size)")
+    p.add_argument("--eval", dest="evaluate", default="final", help="final | every:K | immediate")
+    p.add_argument("--chunk", type=int, default=None, help="split the edits into independent runs of this size")
+    p.add_argument("--order", choices=["given", "shuffle"], default="given", help="order of the data stream")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opt", action="append", type=_parse_option, default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--no-exact-match", action="store_true", help="skip greedy exact-match scoring")
+    p.add_argument("--ppl", action="store_true", help="also score perplexity of targets")
+    p.add_argument("--no-pre", action="store_true", help="skip scoring the unedited model on the edit set")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="results JSON path")
+    p.add_argument("--save-state", default=None, help="directory to save the edited method state")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lemoe.data import load_spec
+    from lemoe.evaluation import Evaluator
+    from lemoe.methods import build_method
+    from lemoe.models import load_model
+    from lemoe.runner import Protocol, format_table, run_protocol, write_results
+
+    protocol = Protocol(
+        edits=args.edits,
+        edits_per_step=args.edits_per_step,
+        evaluate=args.evaluate,
+        chunk=args.chunk,
+        order=args.order,
+        seed=args.seed,
+    )
+    requests, data_identity = load_spec(args.data, zsre_target=args.zsre_target)
+    model, tokenizer = load_model(args.model, device=args.device)
+    method = build_method(args.method, model, tokenizer, dict(args.opt))
+    evaluator = Evaluator(
+        model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, perplexity=args.ppl
+    )
+    record = run_protocol(
+        method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet
+    )
+    record["data"] = {**data_identity, "zsre_target": args.zsre_target}
+    record["model"]["name"] = args.model
+    if args.out:
+        write_results(record, args.out)
+    if args.save_state:
+        method.save_pretrained(args.save_state)
+    print(format_table(record))
+    if args.out:
+        print(f"results written to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.data = args.data or "zsre:sample"
+    return cmd_run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Re-score: a results file is re-printed; a saved state is loaded and evaluated on data."""
+    from lemoe.runner import format_table
+
+    path = Path(args.path)
+    if path.is_file():
+        record = json.loads(path.read_text())
+        print(format_table(record))
+        return 0
+    from lemoe.data import load_spec
+    from lemoe.evaluation import Evaluator
+    from lemoe.methods import load_method
+    from lemoe.models import load_model
+
+    requests, _ = load_spec(args.data, zsre_target=args.zsre_target)
+    requests = requests[: args.edits] if args.edits else requests
+    model, tokenizer = load_model(args.model, device=args.device)
+    evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match)
+    reference = evaluator.reference(requests)  # before the state is applied: the unedited model
+    method = load_method(str(path), model, tokenizer)
+    result = evaluator.evaluate(requests, reference, method.forward_context)
+    for key, value in result.aggregate.items():
+        print(f"{key:32} {value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lemoe", description="Lifelong knowledge editing of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="apply an edit stream under a protocol and evaluate", description=cmd_run.__doc__)
+    _add_run_args(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser(
+        "demo",
+        help=f"a short lifelong demo: {DEMO_EDITS} ZsRE edits on the offline default model",
+        description="Runs LEMoE on 20 packaged ZsRE edits, one per step, and prints the results table.",
+    )
+    _add_run_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="re-print a results JSON, or evaluate a saved method state on data")
+    ev.add_argument("path", help="results JSON file or saved state directory")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--data", default="zsre:sample")
+    ev.add_argument("--zsre-target", choices=["alt", "answer"], default="alt")
+    ev.add_argument("--edits", type=int, default=None, help="score only the first N requests")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--no-exact-match", action="store_true")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"lemoe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

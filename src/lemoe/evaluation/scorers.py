@@ -1,0 +1,200 @@
+"""Batched, padding-correct scorers. Each returns one number per (prompt, answer) pair.
+
+Scorer names (every result carries one):
+
+- ``token_acc``   teacher-forced token accuracy: feed ``prompt + " " + answer``, take the argmax at
+                  each answer position; score = fraction of answer tokens predicted right.
+- ``agreement``   the same teacher-forced pass, scored as the fraction of answer positions whose
+                  argmax equals the unedited model's (relative locality; needs a reference).
+- ``exact_match`` greedy decoding from the prompt with a natural stop (EOS, newline, sentence end),
+                  normalised string equality with the answer.
+- ``ppl``         perplexity of the answer given the prompt.
+
+All passes right-pad (positions stay natural for teacher forcing) and sort by length so a batch
+holds sequences of similar size. Generation left-pads with explicit position ids.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# A hook that wraps every forward pass of the evaluator. Methods whose behaviour depends on which
+# tokens are the prompt (LEMoE routes on the prompt only) receive the prompt mask through it.
+ForwardContext = Callable[[torch.Tensor], AbstractContextManager[object]]
+
+
+def no_context(_prompt_mask: torch.Tensor) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A prompt and answer as token ids (answer ids follow the prompt ids directly)."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+
+
+def encode_pairs(tokenizer: object, prompts: Sequence[str], answers: Sequence[str]) -> list[Encoded]:
+    """Tokenise prompt and ``" " + answer`` separately so answer positions are exact."""
+    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+    a_ids = tokenizer([" " + a.lstrip() for a in answers], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    return [Encoded(tuple(p), tuple(a)) for p, a in zip(p_ids, a_ids, strict=True)]
+
+
+def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(order), size):
+        yield list(order[i : i + size])
+
+
+def _pad_id(tokenizer: object) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+@torch.no_grad()
+def teacher_forced_predictions(
+    model: torch.nn.Module,
+    tokenizer: object,
+    pairs: Sequence[Encoded],
+    *,
+    batch_size: int = 32,
+    context: ForwardContext = no_context,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For each pair, the argmax token and the log-probability of the true token at each answer
+    position (both 1-D tensors of the answer's length)."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].answer_ids))
+    argmax: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    logprob: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    for idx in _batches(order, batch_size):
+        seqs = [pairs[i].prompt_ids + pairs[i].answer_ids for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        prompt_mask = torch.zeros((len(idx), width), dtype=torch.bool)
+        for r, (i, s) in enumerate(zip(idx, seqs, strict=True)):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+            prompt_mask[r, : len(pairs[i].prompt_ids)] = True
+        ids, mask, prompt_mask = ids.to(device), mask.to(device), prompt_mask.to(device)
+        with context(prompt_mask):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = F.log_softmax(logits, dim=-1)
+        for r, i in enumerate(idx):
+            n_p, n_a = len(pairs[i].prompt_ids), len(pairs[i].answer_ids)
+            # logits at position t predict token t+1
+            rows = torch.arange(n_p - 1, n_p - 1 + n_a, device=device)
+            target = ids[r, n_p : n_p + n_a]
+            argmax[i] = logits[r, rows].argmax(-1).cpu()
+            logprob[i] = logp[r, rows, target].cpu()
+    return argmax, logprob
+
+
+def token_accuracy(argmax: Sequence[torch.Tensor], pairs: Sequence[Encoded]) -> list[float]:
+    return [
+        float((a == torch.tensor(p.answer_ids)).float().mean()) if p.answer_ids else 0.0
+        for a, p in zip(argmax, pairs, strict=True)
+    ]
+
+
+def agreement(argmax: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> list[float]:
+    return [float((a == r).float().mean()) for a, r in zip(argmax, reference, strict=True)]
+
+
+def perplexity(logprob: Sequence[torch.Tensor]) -> list[float]:
+    return [float(torch.exp(-lp.mean())) for lp in logprob]
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD-style)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+_STOP = re.compile(r"\n|\.(\s|$)|<\|")
+
+
+def natural_stop(text: str) -> str:
+    """Cut a continuation at the first newline, sentence end or special-token marker."""
+    m = _STOP.search(text)
+    return text[: m.start()] if m else text
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    tokenizer: object,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    *,
+    batch_size: int = 32,
+    context: ForwardContext = no_context,
+) -> list[list[int]]:
+    """Greedy continuations, left-padded and batched, with a KV cache; stops per row at EOS or its
+    own ``max_new_tokens``. Returns only the new token ids."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in _batches(order, batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = prompts[i]
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        limit = torch.tensor([max_new_tokens[i] for i in idx], device=device)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        generated = torch.zeros((len(idx), int(limit.max())), dtype=torch.long, device=device)
+        past = None
+        step_ids, step_mask = ids, mask
+        with context(mask.bool()):
+            for t in range(int(limit.max())):
+                positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
+                positions = positions[:, -step_ids.shape[1] :]
+                res = model(
+                    input_ids=step_ids,
+                    attention_mask=step_mask,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=True,
+                )
+                past = res.past_key_values
+                nxt = res.logits[:, -1].argmax(-1)
+                generated[:, t] = nxt
+                done |= (t + 1) >= limit
+                if eos is not None:
+                    done |= nxt == eos
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=1)
+        for r, i in enumerate(idx):
+            row = generated[r, : int(limit[r])].tolist()
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            out[i] = row
+    return out
+
+
+def exact_match(generations: Sequence[str], answers: Sequence[str]) -> list[float]:
+    return [
+        float(normalise_answer(natural_stop(g)) == normalise_answer(a))
+        for g, a in zip(generations, answers, strict=True)
+    ]

