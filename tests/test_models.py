@@ -1,0 +1,80 @@
+"""Model access on every supported family, and the frozen-prefix reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lemoe.models import ModelAccess, UnsupportedModelError, weight_as_out_in
+from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
+from lemoe.testing import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_access_finds_parts(family: str) -> None:
+    model = tiny_model(family)
+    access = ModelAccess(model)
+    assert access.num_layers == 4
+    assert access.hidden_size == 64
+    assert access.embedding is model.get_input_embeddings()
+    for layer in range(access.num_layers):
+        parts = access.mlp(layer)
+        w = weight_as_out_in(parts.out_proj)
+        assert w.shape == (64, parts.intermediate_size)
+        assert parts.intermediate_size in (128, 256)  # GPT-2/J default to 4x hidden
+        assert dict(model.named_modules())[parts.out_proj_name] is parts.out_proj
+    expected_layout = "conv1d" if family == "gpt2" else "linear"
+    assert access.mlp(0).layout == expected_layout
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mlp_hook_points_see_mlp_input_and_output(family: str) -> None:
+    """input_module's input and out_proj's output are the MLP's input/output on every family."""
+    model = tiny_model(family)
+    access = ModelAccess(model)
+    parts = access.mlp(1)
+    seen: dict[str, torch.Tensor] = {}
+    h1 = parts.input_module.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))
+    h2 = parts.out_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    h1.remove()
+    h2.remove()
+    assert seen["in"].shape[-1] == 64 and seen["out"].shape[-1] == 64
+
+
+def test_unsupported_model_error_names_what_is_missing() -> None:
+    with pytest.raises(UnsupportedModelError, match="no transformer block list"):
+        ModelAccess(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_layer_out_of_range() -> None:
+    access = ModelAccess(tiny_model("llama"))
+    with pytest.raises(IndexError):
+        access.mlp(4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_skip_frozen_blocks_gives_identical_logits(family: str) -> None:
+    model = tiny_model(family)
+    access = ModelAccess(model)
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    hidden, tuple_out = hidden_before_block(access, 2, ids, mask)
+    with skip_frozen_blocks(access, 2, hidden, tuple_out):
+        fast = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(full, fast, atol=1e-5)
+    # blocks are restored afterwards
+    again = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(full, again)
+
+
+@pytest.mark.slow
+def test_default_model_loads_and_answers(smollm2) -> None:
+    model, tok = smollm2
+    access = ModelAccess(model)
+    assert access.num_layers == 30 and access.hidden_size == 576
+    ids = tok("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=2, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1] :])
