@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lemoe.store.cli import add_store_commands
+
 DEMO_EDITS = 20
 
 
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-exact-match", action="store_true")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
+    add_store_commands(sub)  # `lemoe store ...` and `lemoe serve`
     return parser
 
 

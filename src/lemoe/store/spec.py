@@ -1,0 +1,131 @@
+"""The store's identity file, ``store.json``: which base model, which method and config, which format.
+
+It is written once, atomically, when the store is created, and its checksum is kept in the journal,
+so a store can never silently be reopened with another model, method or layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STORE_FORMAT_VERSION = 1
+SPEC_FILE = "store.json"
+JOURNAL_FILE = "journal.sqlite"
+CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "writer.lock"
+
+
+class StoreError(ValueError):
+    """A store operation cannot be done; the message says why and what to do."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was written for another base model, method or format version."""
+
+
+class StoreCorruptError(StoreError):
+    """A store file is missing, truncated or was changed outside lemoe (run ``lemoe store verify``)."""
+
+
+@dataclass
+class StoreSpec:
+    """Everything that fixes what a store's journal means; immutable after ``init``."""
+
+    model: str  # name or path given to ``load_model``
+    model_fingerprint: dict[str, Any]
+    method: str
+    options: dict[str, Any]
+    edits_per_step: int = 1
+    checkpoint_every: int = 1  # write a checkpoint after every K applied batches
+    keep_checkpoints: int = 3
+    format_version: int = STORE_FORMAT_VERSION
+    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        for name in ("edits_per_step", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StoreError(f"{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = SPEC_FILE) -> StoreSpec:
+        if not isinstance(data, dict):
+            raise StoreCorruptError(f"{where}: expected a JSON object")
+        version = data.get("format_version")
+        if version != STORE_FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{where}: store format version {version!r}; this lemoe reads version {STORE_FORMAT_VERSION}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"model", "model_fingerprint", "method", "options"} - set(data)
+        if missing or set(data) - names:
+            raise StoreCorruptError(f"{where}: missing {sorted(missing)} / unknown {sorted(set(data) - names)} keys")
+        return cls(**data)
+
+
+def canonical_json(data: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces) so hashes of the same content are equal."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the folder: a reader sees the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_spec(root: Path, spec: StoreSpec) -> str:
+    """Write ``store.json`` atomically; return its sha256 (recorded in the journal)."""
+    text = json.dumps(spec.to_dict(), indent=2, sort_keys=True)
+    write_file_atomic(root / SPEC_FILE, text.encode())
+    return sha256_text(text)
+
+
+def read_spec(root: Path) -> tuple[StoreSpec, str]:
+    """Read ``store.json``; return the spec and the file's sha256."""
+    path = root / SPEC_FILE
+    if not path.is_file():
+        raise StoreError(f"{root}: not an edit store (no {SPEC_FILE}); create one with `lemoe store init`")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StoreCorruptError(f"{path}: corrupt JSON ({e})") from None
+    return StoreSpec.from_dict(data, where=str(path)), sha256_text(text)
