@@ -13,6 +13,8 @@ from lemoe.methods.base import BatchReport, EditMethod, MethodConfig, StateError
 METHODS: dict[str, str] = {
     "ft-l": "lemoe.methods.ft:FTL",
     "ft-m": "lemoe.methods.ft:FTM",
+    "malmen": "lemoe.methods.malmen.method:MALMEN",
+    "mend-sum": "lemoe.methods.malmen.method:MENDSum",
 }
 
 

@@ -1,0 +1,267 @@
+"""Meta-training of the MALMEN / MEND-sum editor, with progress, validation, checkpoints and resume.
+
+    python -m lemoe.methods.malmen.train --out DIR --counterfact counterfact_train.json \\
+        [--zsre zsre_dev.json --zsre-range 300:500] --steps 100 --edits-per-step 16
+
+One meta-step: cache keys/value-gradients of ``n`` training edits (updating the running
+normalisation), predict the shifts, apply them to the unedited model, then
+
+    loss = NLL(target | paraphrase)  +  loc_coef * KL(unedited ‖ edited) on unrelated prompts,
+
+back-propagate to the shifts ``G = ∂loss/∂S``, through the normal equation to the per-token value
+differences, and re-run the hyper-network on the proxy loss (:meth:`MALMEN.backward_shifts`);
+clip and take an Adam step. Training data come from training splits only (CounterFact train minus
+a held-out validation tail, and an optional slice of ZsRE dev kept disjoint from what is
+evaluated). ``DIR/editor`` is a normal saved method state (``load_method(DIR/editor)`` or
+``--opt editor=DIR/editor``); ``DIR/trainer.pt`` holds the optimiser and step for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lemoe.evaluation import Evaluator
+from lemoe.methods.base import EditMethod
+from lemoe.methods.malmen.method import MALMEN
+from lemoe.methods.training import build_lm_batch, token_nll
+from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
+from lemoe.requests import EditRequest
+
+
+def usable(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """Training needs a paraphrase (generalisation) and a locality probe (KL) per edit."""
+    return [r for r in requests if r.paraphrases and r.locality]
+
+
+def _kl_unedited_to_edited(method: MALMEN, requests: Sequence[EditRequest], shifts: Any) -> torch.Tensor:
+    """KL(unedited ‖ edited) per real token of the locality sequences. The blocks below the lowest
+    edited layer are run once and reused for both forwards."""
+    batch = build_lm_batch(
+        method.tokenizer, [r.locality[0].prompt for r in requests], [r.locality[0].answer for r in requests]
+    ).to(method.access.device)
+    layer = method.layers[0]
+    hidden, tuple_out = hidden_before_block(method.access, layer, batch.input_ids, batch.attention_mask)
+    mask = batch.attention_mask.bool()
+    with skip_frozen_blocks(method.access, layer, hidden, tuple_out):
+        method.set_shifts(None)
+        with torch.no_grad():
+            ref = method.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        method.set_shifts(shifts)
+        post = method.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    ref_logp = F.log_softmax(ref[mask].float(), -1)
+    post_logp = F.log_softmax(post[mask].float(), -1)
+    return F.kl_div(post_logp, ref_logp, log_target=True, reduction="batchmean")
+
+
+def meta_step(method: MALMEN, requests: Sequence[EditRequest]) -> dict[str, float]:
+    """Accumulate the meta-gradient of one batch of training edits into ``method.net``'s grads."""
+    cfg = method.config
+    requests = list(requests)
+    projections = method.projections
+    with method.build_cache(requests, update_norm=True) as cache:
+        shifts = method.predict_shifts(cache)
+        for p in projections:
+            p.weight.grad = None
+            p.weight.requires_grad_(True)
+        try:
+            prompts = [r.paraphrases[0] for r in requests]
+            targets = [r.target_new for r in requests]
+            if cfg.edit_loss_on_prompts:  # type: ignore[attr-defined]
+                prompts += [r.prompt for r in requests]
+                targets += [r.target_new for r in requests]
+            gen_batch = build_lm_batch(method.tokenizer, prompts, targets).to(method.access.device)
+            method.set_shifts(shifts)
+            with torch.enable_grad():
+                logits = method.model(
+                    input_ids=gen_batch.input_ids, attention_mask=gen_batch.attention_mask, use_cache=False
+                ).logits
+                gen_loss = token_nll(logits, gen_batch).mean()
+                gen_loss.backward()
+                gen_acc = float(
+                    ((logits[:, :-1].argmax(-1) == gen_batch.input_ids[:, 1:]) | ~gen_batch.target_mask[:, 1:])
+                    .all(-1)
+                    .float()
+                    .mean()
+                )
+                del logits
+                loc_loss = _kl_unedited_to_edited(method, requests, shifts)
+                (cfg.loc_coef * loc_loss).backward()  # type: ignore[attr-defined]
+            grad_shifts = method.weight_grads_as_shift()
+        finally:
+            for p in projections:
+                p.weight.requires_grad_(False)
+                p.weight.grad = None
+            method.set_shifts(None)
+        method.backward_shifts(cache, shifts, grad_shifts)
+    return {
+        "gen_loss": float(gen_loss.detach()),
+        "loc_loss": float(loc_loss.detach()),
+        "gen_success": gen_acc,
+        "tokens": shifts.n_tokens,
+        "shift_norm": sum(float(s.norm()) for s in shifts.shifts) / len(shifts.shifts),
+    }
+
+
+def validate(method: EditMethod, requests: Sequence[EditRequest], evaluator: Evaluator) -> dict[str, float]:
+    """Edit the validation edits in one batch, score them with the project's evaluator, undo."""
+    reference = evaluator.reference(requests)
+    method.reset()
+    method.apply(list(requests))
+    try:
+        return evaluator.evaluate(requests, reference).aggregate
+    finally:
+        method.reset()
+
+
+def _save_trainer(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    a, sep, b = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}")
+    return int(a), int(b)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lemoe.methods.malmen.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder: editor/, best/, trainer.pt, log.jsonl")
+    p.add_argument("--method", choices=["malmen", "mend-sum"], default="malmen")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--counterfact", required=True, help="CounterFact TRAIN split (simplified format)")
+    p.add_argument("--val-size", type=int, default=64, help="edits held out from the end of CounterFact train")
+    p.add_argument("--zsre", default=None, help="optional ZsRE (MEND format) file to add to training")
+    p.add_argument("--zsre-range", type=parse_range, default=(300, 500), help="records of --zsre used (START:STOP)")
+    p.add_argument("--steps", type=int, default=100, help="total meta-steps")
+    p.add_argument("--edits-per-step", type=int, default=16)
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from DIR/trainer.pt")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="MALMENConfig option")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lemoe.data import load_requests
+    from lemoe.methods import build_method
+    from lemoe.models import load_model
+
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = {}
+    for item in args.opt:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--opt expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+
+    counterfact = usable(load_requests("counterfact", args.counterfact))
+    if len(counterfact) <= args.val_size:
+        raise SystemExit(f"{args.counterfact}: only {len(counterfact)} usable records for --val-size {args.val_size}")
+    pool, val = counterfact[: -args.val_size], counterfact[-args.val_size :]
+    if args.zsre:
+        start, stop = args.zsre_range
+        pool += usable(load_requests("zsre", args.zsre)[start:stop])
+    order = list(range(len(pool)))
+    random.Random(args.seed).shuffle(order)
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, device=args.device)
+    method: MALMEN = build_method(args.method, model, tokenizer, options)  # type: ignore[assignment]
+    params = list(method.net.parameters())
+    optimizer = torch.optim.Adam(params, lr=method.config.meta_lr)  # type: ignore[attr-defined]
+    evaluator = Evaluator(model, tokenizer, exact_match=False)
+    step, history, best = 0, [], None
+    trainer_path = out / "trainer.pt"
+    if args.resume and trainer_path.exists():
+        saved = torch.load(trainer_path, weights_only=False)
+        method = type(method).from_pretrained(out / "editor", model, tokenizer)
+        params = list(method.net.parameters())
+        optimizer = torch.optim.Adam(params, lr=method.config.meta_lr)  # type: ignore[attr-defined]
+        optimizer.load_state_dict(saved["optimizer"])
+        step, history, best = saved["step"], saved["history"], saved.get("best")
+        torch.set_rng_state(saved["torch_rng"])
+        print(f"resumed at step {step} from {out}", flush=True)
+    elif trainer_path.exists():
+        raise SystemExit(f"{out} already holds a training run; pass --resume to continue it or use another --out")
+
+    def checkpoint() -> None:
+        method.save_pretrained(out / "editor")
+        _save_trainer(
+            trainer_path,
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "best": best,
+                "torch_rng": torch.get_rng_state(),
+                "args": vars(args),
+                "options": options,
+            },
+        )
+
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
+    method.net.requires_grad_(True)
+    t_start = time.perf_counter()
+    try:
+        while step < args.steps:
+            n = args.edits_per_step
+            idx = [order[(step * n + i) % len(order)] for i in range(n)]
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            stats = meta_step(method, [pool[i] for i in idx])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, method.config.max_grad_norm)  # type: ignore[attr-defined]
+            optimizer.step()
+            step += 1
+            stats.update(step=step, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
+            if step % args.val_every == 0 or step == args.steps:
+                method.net.requires_grad_(False)
+                val_scores = validate(method, val, evaluator)
+                method.net.requires_grad_(True)
+                stats["val"] = val_scores
+                score = sum(
+                    val_scores.get(k, 0.0)
+                    for k in ("reliability.token_acc", "generality.token_acc", "locality.agreement")
+                )
+                if best is None or score > best["score"]:
+                    best = {"step": step, "score": score, "val": val_scores}
+                    method.save_pretrained(out / "best")
+            history.append(stats)
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+            print(
+                f"step {step}/{args.steps} gen_loss {stats['gen_loss']:.3f} loc_kl {stats['loc_loss']:.4f} "
+                f"gen_succ {stats['gen_success']:.2f} |grad| {stats['grad_norm']:.3g} "
+                f"{stats['seconds']:.1f}s" + (f" val {stats['val']}" if "val" in stats else ""),
+                flush=True,
+            )
+            if step % args.save_every == 0 or step == args.steps:
+                checkpoint()
+    finally:
+        log.close()
+    print(f"done: {step} steps in {time.perf_counter() - t_start:.0f}s this session; editor at {out / 'editor'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
