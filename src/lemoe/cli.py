@@ -28,12 +28,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     from lemoe.methods import method_names
     from lemoe.models import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"built-in name, local folder or hub id (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--method", default="ft-m", help=f"editing method: {', '.join(method_names())}")
     p.add_argument(
         "--data",
         default="zsre:sample",
-        help="KIND:PATH with KIND in zsre, counterfact, hallucination, temporal, jsonl; PATH 'sample' is the packaged sample",
+        help="KIND:PATH, KIND in zsre, counterfact, hallucination, temporal, jsonl; PATH 'sample' = packaged sample",
     )
     p.add_argument("--zsre-target", choices=["alt", "answer"], default="alt", help="ZsRE edit target (default alt)")
     p.add_argument("--edits", type=int, default=DEMO_EDITS, help="total number of edits")
@@ -42,7 +44,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=None, help="split the edits into independent runs of this size")
     p.add_argument("--order", choices=["given", "shuffle"], default="given", help="order of the data stream")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--opt", action="append", type=_parse_option, default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument(
+        "--opt", action="append", type=_parse_option, default=[], metavar="KEY=VALUE", help="method option (repeatable)"
+    )
     p.add_argument("--no-exact-match", action="store_true", help="skip greedy exact-match scoring")
     p.add_argument("--ppl", action="store_true", help="also score perplexity of targets")
     p.add_argument("--no-pre", action="store_true", help="skip scoring the unedited model on the edit set")
@@ -74,9 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     evaluator = Evaluator(
         model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, perplexity=args.ppl
     )
-    record = run_protocol(
-        method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet
-    )
+    record = run_protocol(method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet)
     record["data"] = {**data_identity, "zsre_target": args.zsre_target}
     record["model"]["name"] = args.model
     if args.out:

@@ -41,9 +41,7 @@ class EditRequest:
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so requests stay hashable and immutable.
         object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
-        object.__setattr__(
-            self, "locality", tuple(p if isinstance(p, Probe) else Probe(**p) for p in self.locality)
-        )
+        object.__setattr__(self, "locality", tuple(p if isinstance(p, Probe) else Probe(**p) for p in self.locality))
         object.__setattr__(
             self,
             "portability",
@@ -83,9 +81,7 @@ class EditRequest:
                     checked.append(p)
                     continue
                 if not isinstance(p, Mapping) or set(p) != {"prompt", "answer"}:
-                    raise InvalidRequestError(
-                        f"{where}: {name}[{j}] must be an object with exactly prompt and answer"
-                    )
+                    raise InvalidRequestError(f"{where}: {name}[{j}] must be an object with exactly prompt and answer")
                 checked.append(Probe(prompt=p["prompt"], answer=p["answer"]))
             kwargs[name] = tuple(checked)
         if "paraphrases" in kwargs and not isinstance(kwargs["paraphrases"], (list, tuple)):
@@ -120,9 +116,7 @@ def validate_request(req: EditRequest, *, where: str = "request") -> None:
     if req.subject is not None:
         _check_text(req.subject, "subject", where, max_chars=MAX_PROMPT_CHARS)
         if req.subject not in req.prompt:
-            raise InvalidRequestError(
-                f"{where}: subject {req.subject!r} does not occur in prompt {req.prompt!r}"
-            )
+            raise InvalidRequestError(f"{where}: subject {req.subject!r} does not occur in prompt {req.prompt!r}")
     if req.target_true is not None:
         _check_text(req.target_true, "target_true", where, max_chars=MAX_TARGET_CHARS)
     for j, p in enumerate(req.paraphrases):

@@ -82,9 +82,7 @@ def counterfact_record(rec: Mapping[str, Any]) -> EditRequest:
         subject=rec.get("subject"),
         target_true=rec.get("ground_truth"),
         paraphrases=(rephrase,) if rephrase else (),
-        locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),)
-        if rec.get("locality_prompt")
-        else (),
+        locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),) if rec.get("locality_prompt") else (),
         request_id=f"cf-{rec['case_id']}" if "case_id" in rec else "",
     )
 
@@ -96,9 +94,7 @@ def hallucination_record(rec: Mapping[str, Any]) -> EditRequest:
         prompt=rec["prompt"],
         target_new=rec["target_new"],
         subject=subject if subject and subject in rec["prompt"] else None,
-        locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),)
-        if rec.get("locality_prompt")
-        else (),
+        locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),) if rec.get("locality_prompt") else (),
     )
 
 
@@ -110,9 +106,7 @@ def temporal_record(rec: Mapping[str, Any]) -> EditRequest:
         target_new=rec["target_new"],
         subject=subject if subject and subject in rec["prompt"] else None,
         paraphrases=(rec["ood_rephrase"],) if rec.get("ood_rephrase") else (),
-        locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),)
-        if rec.get("locality_prompt")
-        else (),
+        locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),) if rec.get("locality_prompt") else (),
     )
 
 

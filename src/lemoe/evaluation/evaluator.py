@@ -66,7 +66,7 @@ class Evaluator:
         model: torch.nn.Module,
         tokenizer: object,
         *,
-        batch_size: int = 32,
+        batch_size: int = 64,
         exact_match: bool = True,
         perplexity: bool = False,
         extra_new_tokens: int = 3,
@@ -77,6 +77,12 @@ class Evaluator:
         self.exact_match = exact_match
         self.perplexity = perplexity
         self.extra_new_tokens = extra_new_tokens
+        self._stop_ids: torch.Tensor | None = None
+
+    def _newline_ids(self) -> torch.Tensor:
+        if self._stop_ids is None:
+            self._stop_ids = scorers.newline_token_ids(self.tokenizer).to(next(self.model.parameters()).device)
+        return self._stop_ids
 
     def _generate(self, pairs: Sequence[Encoded], context: ForwardContext) -> list[str]:
         new_ids = scorers.greedy_generate(
@@ -86,6 +92,7 @@ class Evaluator:
             [len(p.answer_ids) + self.extra_new_tokens for p in pairs],
             batch_size=self.batch_size,
             context=context,
+            stop_ids=self._newline_ids(),
         )
         return self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
 
@@ -112,9 +119,7 @@ class Evaluator:
         context: ForwardContext = no_context,
     ) -> EvalResult:
         probes = _probes(requests)
-        pairs = scorers.encode_pairs(
-            self.tokenizer, [p.prompt for p in probes], [p.answer for p in probes]
-        )
+        pairs = scorers.encode_pairs(self.tokenizer, [p.prompt for p in probes], [p.answer for p in probes])
         argmax, logprob = scorers.teacher_forced_predictions(
             self.model, self.tokenizer, pairs, batch_size=self.batch_size, context=context
         )

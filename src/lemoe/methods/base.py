@@ -79,7 +79,9 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """Identity of a base model: its config and a hash of a few weights (cheap, order-stable)."""
     config = getattr(model, "config", None)
     cfg = config.to_dict() if config is not None else {}
-    keep = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")}
+    keep = {
+        k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")
+    }
     h = hashlib.sha256()
     params = list(model.state_dict().items())
     for name, tensor in params[:2] + params[-2:]:

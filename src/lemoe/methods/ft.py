@@ -46,7 +46,9 @@ class _FineTune(EditMethod):
     def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
         cfg: FTConfig = self.config  # type: ignore[assignment]
         device = self.access.device
-        batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests]).to(device)
+        batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests]).to(
+            device
+        )
         hidden, tuple_out = hidden_before_block(self.access, self.layer, batch.input_ids, batch.attention_mask)
         weight = self.module.weight
         weight.requires_grad_(True)
@@ -55,7 +57,9 @@ class _FineTune(EditMethod):
         try:
             with skip_frozen_blocks(self.access, self.layer, hidden, tuple_out):
                 for _ in range(cfg.steps):
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                    logits = self.model(
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                    ).logits
                     if float(target_token_accuracy(logits, batch).min()) >= cfg.stop_accuracy and steps_run > 0:
                         break
                     loss = token_nll(logits, batch, targets_only=self.targets_only).mean()

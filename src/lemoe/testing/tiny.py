@@ -38,12 +38,21 @@ FAMILIES: dict[str, Callable[[int], object]] = {
     "gpt2": lambda v: hf.GPT2Config(vocab_size=v, n_embd=64, n_layer=4, n_head=4, n_positions=256),
     "gptj": lambda v: hf.GPTJConfig(vocab_size=v, n_embd=64, n_layer=4, n_head=4, n_positions=256, rotary_dim=8),
     "gpt_neox": lambda v: hf.GPTNeoXConfig(
-        vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=v,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
         max_position_embeddings=256,
     ),
     "opt": lambda v: hf.OPTConfig(
-        vocab_size=v, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=256, word_embed_proj_dim=64,
+        vocab_size=v,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
     ),
 }
 
