@@ -44,6 +44,24 @@ def usable(requests: Sequence[EditRequest]) -> list[EditRequest]:
     return [r for r in requests if r.paraphrases and r.locality]
 
 
+def load_zsre_slice(path: str, start: int, stop: int) -> list[EditRequest]:
+    """Records ``start:stop`` of a MEND-format ZsRE file; records that fail validation (the dev file
+    has one with an empty ``alt``) are skipped, since training needs no particular record."""
+    from lemoe.data.loaders import zsre_record
+    from lemoe.requests import InvalidRequestError, validate_request
+
+    records = json.loads(Path(path).read_text(encoding="utf-8"))[start:stop]
+    out = []
+    for rec in records:
+        try:
+            req = zsre_record(rec)
+            validate_request(req)
+        except (InvalidRequestError, KeyError, TypeError, IndexError):
+            continue
+        out.append(req)
+    return out
+
+
 def _kl_unedited_to_edited(method: MALMEN, requests: Sequence[EditRequest], shifts: Any) -> torch.Tensor:
     """KL(unedited ‖ edited) per real token of the locality sequences. The blocks below the lowest
     edited layer are run once and reused for both forwards."""
@@ -124,6 +142,17 @@ def validate(method: EditMethod, requests: Sequence[EditRequest], evaluator: Eva
         method.reset()
 
 
+def make_optimizer(method: MALMEN) -> torch.optim.Adam:
+    """Adam over the hyper-network; the per-module step sizes and log lambdas get their own lr."""
+    cfg = method.config
+    scalars = [p for n, p in method.net.named_parameters() if n.rsplit(".", 1)[-1] in ("lr", "log_lambda")]
+    ids = {id(p) for p in scalars}
+    rest = [p for p in method.net.parameters() if id(p) not in ids]
+    return torch.optim.Adam(
+        [{"params": rest, "lr": cfg.meta_lr}, {"params": scalars, "lr": cfg.meta_lr_scalars}]  # type: ignore[attr-defined]
+    )
+
+
 def _save_trainer(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
@@ -181,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     pool, val = counterfact[: -args.val_size], counterfact[-args.val_size :]
     if args.zsre:
         start, stop = args.zsre_range
-        pool += usable(load_requests("zsre", args.zsre)[start:stop])
+        pool += usable(load_zsre_slice(args.zsre, start, stop))
     order = list(range(len(pool)))
     random.Random(args.seed).shuffle(order)
 
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     method: MALMEN = build_method(args.method, model, tokenizer, options)  # type: ignore[assignment]
     params = list(method.net.parameters())
-    optimizer = torch.optim.Adam(params, lr=method.config.meta_lr)  # type: ignore[attr-defined]
+    optimizer = make_optimizer(method)
     evaluator = Evaluator(model, tokenizer, exact_match=False)
     step, history, best = 0, [], None
     trainer_path = out / "trainer.pt"
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = torch.load(trainer_path, weights_only=False)
         method = type(method).from_pretrained(out / "editor", model, tokenizer)
         params = list(method.net.parameters())
-        optimizer = torch.optim.Adam(params, lr=method.config.meta_lr)  # type: ignore[attr-defined]
+        optimizer = make_optimizer(method)
         optimizer.load_state_dict(saved["optimizer"])
         step, history, best = saved["step"], saved["history"], saved.get("best")
         torch.set_rng_state(saved["torch_rng"])
