@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -132,8 +133,15 @@ def load_requests(
     limit: int | None = None,
     seed: int | None = None,
     zsre_target: ZsreTarget = "alt",
+    on_invalid: Literal["skip", "error"] = "skip",
+    skipped: list[str] | None = None,
 ) -> list[EditRequest]:
-    """Read ``path`` as dataset ``kind``; optionally shuffle with ``seed`` and keep ``limit``."""
+    """Read ``path`` as dataset ``kind``; optionally shuffle with ``seed`` and keep ``limit``.
+
+    Public datasets hold a few unusable records (ZsRE dev has two empty ``alt`` targets). With
+    ``on_invalid="skip"`` (default) such records are left out with a warning and their reasons are
+    appended to ``skipped``; with ``"error"`` the first one raises. Structurally malformed records
+    (missing fields) always raise."""
     if kind not in LOADERS:
         raise ValueError(f"unknown dataset kind {kind!r}; choose from {sorted(LOADERS)}")
     records = _read_records(path)
@@ -142,9 +150,19 @@ def load_requests(
     for i, rec in enumerate(records):
         try:
             req = zsre_record(rec, zsre_target) if kind == "zsre" else convert(rec)
-            EditRequest.from_dict(req.to_dict(), where=f"{path}[{i}]")
-        except (KeyError, TypeError, IndexError) as e:
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
             raise InvalidRequestError(f"{path}[{i}]: malformed {kind} record ({e!r})") from None
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{path}[{i}]: {e}") from None
+        try:
+            EditRequest.from_dict(req.to_dict(), where=f"{path}[{i}]")
+        except InvalidRequestError as e:
+            if on_invalid == "error" or kind in ("jsonl", "json"):
+                raise
+            if skipped is not None:
+                skipped.append(str(e))
+            warnings.warn(f"skipping invalid record: {e}", stacklevel=2)
+            continue
         requests.append(req)
     return select(requests, limit=limit, seed=seed)
 
@@ -177,8 +195,9 @@ def load_spec(spec: str, **kwargs: Any) -> tuple[list[EditRequest], dict[str, An
     """Load ``KIND:PATH`` and return the requests with the data identity for a results file."""
     kind, path = parse_data_spec(spec)
     resolved = sample_path(kind) if path == "sample" else Path(path)
-    requests = load_requests(kind, resolved, **kwargs)
-    identity = {"kind": kind, "path": str(resolved), "sha256": file_sha256(resolved)}
+    skipped: list[str] = []
+    requests = load_requests(kind, resolved, skipped=skipped, **kwargs)
+    identity = {"kind": kind, "path": str(resolved), "sha256": file_sha256(resolved), "skipped_records": skipped}
     return requests, identity
 
 

@@ -67,7 +67,7 @@ class _FineTune(EditMethod):
                     loss.backward()
                     opt.step()
                     steps_run += 1
-                    loss_value = float(loss)
+                    loss_value = loss.item()
                     if cfg.norm_constraint is not None:
                         with torch.no_grad():
                             delta = (weight - self.original).clamp(-cfg.norm_constraint, cfg.norm_constraint)

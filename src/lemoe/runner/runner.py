@@ -96,6 +96,7 @@ def run_protocol(
     context = method.forward_context
     rss_start = _rss_mb()
 
+    method.reset()  # the protocol starts from the unedited model, and so does the reference
     t0 = time.perf_counter()
     reference: Reference = evaluator.reference(ordered)
     pre: EvalResult | None = evaluator.evaluate(ordered, reference) if evaluate_pre else None
