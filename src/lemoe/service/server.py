@@ -196,7 +196,7 @@ class EditService:
     def generate(self, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, dict) or "prompt" not in payload or set(payload) - {"prompt", "max_new_tokens"}:
             raise ApiError(422, "invalid_generate", 'expected {"prompt": str, "max_new_tokens": int}')
-        prompt, n = payload["prompt"], payload.get("max_new_tokens", 20)
+        prompt, n = payload["prompt"], payload.get("max_new_tokens", min(20, self.config.max_new_tokens))
         if not isinstance(prompt, str) or not prompt.strip():
             raise ApiError(422, "invalid_generate", "prompt must be a non-empty string")
         if len(prompt) > MAX_GENERATE_PROMPT_CHARS or "\x00" in prompt or not _encodable(prompt):
