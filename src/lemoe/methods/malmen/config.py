@@ -28,7 +28,7 @@ class MALMENConfig(MethodConfig):
     cache_memory_mb: float = 1024.0  # above this the cache spills to disk under lemoe's cache dir
     # Meta-training (used by the trainer; kept here so a saved editor records how it was trained).
     meta_lr: float = 1e-4  # the paper's 1e-5 assumes an epoch of thousands of steps; ours is short
-    meta_lr_scalars: float = 1e-5  # Adam lr of the per-module eta and log lambda
+    meta_lr_scalars: float = 1e-4  # Adam lr of the per-module eta and log lambda (~1/3 of eta per step)
     loc_coef: float = 1.0
     max_grad_norm: float = 1.0
     edit_loss_on_prompts: bool = False  # also put the edit prompts themselves in the generalisation loss

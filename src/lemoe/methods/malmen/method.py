@@ -26,7 +26,7 @@ from lemoe.methods.base import EditMethod, StateError, model_fingerprint, read_s
 from lemoe.methods.malmen.cache import KeyGradCache, collect
 from lemoe.methods.malmen.config import MALMENConfig
 from lemoe.methods.malmen.net import HyperNet
-from lemoe.methods.malmen.solve import diff_grads, shift_backward, solve_shift
+from lemoe.methods.malmen.solve import diff_grads, factorise, shift_backward, solve_shift
 from lemoe.models.access import weight_as_out_in
 from lemoe.requests import EditRequest
 
@@ -36,10 +36,11 @@ ARCH_OPTIONS = ("layers", "n_layers", "rank", "n_blocks")
 
 @dataclass
 class Shifts:
-    """Per edited layer: the shift ``S`` [d_in, d_out] (float64) and, for least squares, ``KᵀK``."""
+    """Per edited layer: the shift ``S`` [d_in, d_out] (float64) and, for least squares, the
+    Cholesky factor of ``KᵀK + λI`` (reused by the meta-gradient)."""
 
     shifts: list[torch.Tensor]
-    grams: list[torch.Tensor | None]
+    factors: list[torch.Tensor | None]
     n_tokens: int
 
 
@@ -135,7 +136,7 @@ class MALMEN(EditMethod):
         cfg: MALMENConfig = self.config  # type: ignore[assignment]
         device = self.access.device
         shifts: list[torch.Tensor] = []
-        grams: list[torch.Tensor | None] = []
+        factors: list[torch.Tensor | None] = []
         for slot in range(len(self.layers)):
             net, m = self._net(slot)
             if self.aggregation == "sum":
@@ -143,7 +144,7 @@ class MALMEN(EditMethod):
                 for keys, grads in cache.chunks(slot, cfg.net_batch_size):
                     total += net.rank_one_sum(keys.to(device), grads.to(device), m).double()
                 shifts.append(total)
-                grams.append(None)
+                factors.append(None)
                 continue
             gram = torch.zeros(net.key_size, net.key_size, dtype=torch.float64, device=device)
             kd = torch.zeros(net.key_size, net.value_size, dtype=torch.float64, device=device)
@@ -153,9 +154,10 @@ class MALMEN(EditMethod):
                 k64 = keys.double()
                 gram += k64.T @ k64
                 kd += k64.T @ diffs.double()
-            shifts.append(solve_shift(gram, kd, net.log_lambda[m].double().exp()))
-            grams.append(gram)
-        return Shifts(shifts, grams, cache.n_tokens(0))
+            factor = factorise(gram, net.log_lambda[m].double().exp())
+            shifts.append(solve_shift(factor, kd))
+            factors.append(factor)
+        return Shifts(shifts, factors, cache.n_tokens(0))
 
     def backward_shifts(self, cache: KeyGradCache, shifts: Shifts, grad_shifts: list[torch.Tensor]) -> None:
         """Meta-gradient: from ``G = ∂L/∂S`` per layer into the hyper-network's ``.grad``.
@@ -176,7 +178,7 @@ class MALMEN(EditMethod):
                         (part * grad.to(part.dtype)).sum().backward()
                     continue
                 lam = net.log_lambda[m].detach().double().exp()
-                solved, grad_lam = shift_backward(shifts.grams[slot], shifts.shifts[slot], grad, lam)  # type: ignore[arg-type]
+                solved, grad_lam = shift_backward(shifts.factors[slot], shifts.shifts[slot], grad)  # type: ignore[arg-type]
                 (net.log_lambda[m] * float(grad_lam * lam)).backward()  # ∂L/∂logλ = λ ∂L/∂λ
                 for keys, grads in cache.chunks(slot, cfg.net_batch_size):
                     keys, grads = keys.to(device), grads.to(device)
