@@ -78,3 +78,26 @@ def test_default_model_loads_and_answers(smollm2) -> None:
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=2, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1] :])
+
+
+def test_load_model_from_local_folder(tmp_path, tokenizer) -> None:
+    from lemoe.models import load_model
+
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert tok.pad_token_id is not None
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_cache_dir_is_explicit(monkeypatch, tmp_path) -> None:
+    from lemoe.models import cache_dir
+
+    monkeypatch.setenv("LEMOE_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("LEMOE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "lemoe"
