@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "ft-m": "lemoe.methods.ft:FTM",
     "malmen": "lemoe.methods.malmen.method:MALMEN",
     "mend-sum": "lemoe.methods.malmen.method:MENDSum",
+    "lemoe": "lemoe.methods.lemoe.method:LEMoE",
 }
 
 

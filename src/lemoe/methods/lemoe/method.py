@@ -1,0 +1,525 @@
+"""LEMoE: lifelong editing with a mixture-of-experts adaptor beside one MLP.
+
+``h = MLP(x) + λ · f_e(x)`` at the edited layer, where ``e`` is the expert a KV-anchor router picks
+for the whole sequence, or nothing at all (the null route). One new FFN expert per edit batch,
+trained with the base model and every earlier expert frozen.
+
+Insertion uses hooks only (base weights are never touched; removing the hooks restores the model
+exactly):
+
+- a forward pre-hook on the model sees ``input_ids``/``attention_mask``/``past_key_values`` and
+  decides which tokens are pooled (the prompt, when the evaluator says so through
+  :meth:`forward_context`; otherwise every real token) and whether this is KV-cached decoding;
+- a forward pre-hook on block ``route_layer`` pools its input over those tokens and routes once per
+  sequence at prefill; decoding steps keep that decision (also under HF ``generate``);
+- a forward pre-hook on the MLP's input projection captures ``x``; a forward hook on its output
+  projection adds the chosen experts' output, gathered per sequence in one batched matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lemoe.methods.base import EditMethod, RollbackNotSupported, StateError
+from lemoe.methods.lemoe import router
+from lemoe.methods.lemoe.config import LEMoEConfig
+from lemoe.methods.lemoe.experts import ACTIVATIONS, Expert, ExpertBank, apply_per_sequence, apply_per_token
+from lemoe.methods.lemoe.generic import GENERIC_PROMPTS
+from lemoe.methods.lemoe.planning import plan_clustered
+from lemoe.methods.training import LMBatch, build_lm_batch
+from lemoe.models.access import weight_as_out_in
+from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
+from lemoe.requests import EditRequest
+
+
+class _Stop(Exception):
+    """Ends an observation forward pass once the routing input has been captured."""
+
+
+@dataclass
+class _Runtime:
+    """Per-forward routing state (never saved)."""
+
+    mode: str = "route"  # route | train | observe | off
+    prompt_mask: torch.Tensor | None = None  # set by forward_context
+    active: bool = False  # inside a top-level model forward
+    decoding: bool = False  # this forward continues a KV cache
+    batch: int = 0
+    pool_mask: torch.Tensor | None = None
+    choice: torch.Tensor | None = None  # [B] (instance) or [B, T] (token); -1: null route
+    x: torch.Tensor | None = None  # the MLP input of the current forward
+    train_expert: Expert | None = None
+    observed: torch.Tensor | None = None
+    record: list[torch.Tensor] | None = None  # prefill decisions, when recording
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_decoding(past: Any) -> bool:
+    if past is None:
+        return False
+    get_len = getattr(past, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len()) > 0
+    try:
+        return len(past) > 0 and past[0][0].shape[-2] > 0
+    except (TypeError, IndexError, AttributeError):
+        return False
+
+
+class LEMoE(EditMethod):
+    name = "lemoe"
+    config_class = LEMoEConfig
+    supports_rollback = True
+
+    def __init__(self, model: nn.Module, tokenizer: object, config: LEMoEConfig | None = None) -> None:
+        super().__init__(model, tokenizer, config)
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        self.layer = cfg.layer if cfg.layer is not None else self.access.default_edit_layer()
+        _validate(cfg, self.layer, self.access.num_layers)
+        self.parts = self.access.mlp(self.layer)
+        self.d_in = weight_as_out_in(self.parts.input_module).shape[1]
+        self.d_out = self.parts.hidden_size
+        self.act = ACTIVATIONS[cfg.activation]
+        self.init_std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(self.d_in)
+        self._rt = _Runtime()
+        # Calibration (depends on the base model and calibration text only; saved with the state).
+        self.route_mean: torch.Tensor | None = None
+        self.route_std: torch.Tensor | None = None
+        self.threshold: float | None = None
+        self._clear_edits()
+        self._handles = [
+            model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
+            model.register_forward_hook(self._on_model_done, always_call=True),
+            self.access.blocks[cfg.route_layer].register_forward_pre_hook(self._on_route_input, with_kwargs=True),
+            self.parts.input_module.register_forward_pre_hook(self._on_mlp_input),
+            self.parts.out_proj.register_forward_hook(self._on_mlp_output),
+        ]
+
+    # -- state -----------------------------------------------------------------------------------
+    def _clear_edits(self) -> None:
+        dev, dt = self.access.device, self.access.dtype
+        width = self.config.expert_width  # type: ignore[attr-defined]
+        self.bank = ExpertBank.empty(self.d_in, self.d_out, width, dt, dev)
+        d_route = self.access.hidden_size
+        self.keys = torch.zeros(0, d_route, device=dev)
+        self.key_expert = torch.zeros(0, dtype=torch.long, device=dev)
+        self.expert_batches: list[int] = []  # the batch index each expert was trained on
+        self.expert_requests: list[list[str]] = []  # request ids per expert
+
+    def remove_hooks(self) -> None:
+        """Detach LEMoE from the model (the base model's behaviour is then exactly restored)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.bank)
+
+    def reset(self) -> None:
+        self._clear_edits()
+        self.batches_applied = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self._ensure_calibrated()
+        assert self.route_mean is not None and self.route_std is not None and self.threshold is not None
+        return {
+            **{f"experts.{k}": v for k, v in self.bank.tensors().items()},
+            "router.keys": self.keys,
+            "router.key_expert": self.key_expert,
+            "router.mean": self.route_mean,
+            "router.std": self.route_std,
+            "router.threshold": torch.tensor([self.threshold], dtype=torch.float64),
+        }
+
+    def state_meta(self) -> dict[str, Any]:
+        return {
+            **super().state_meta(),
+            "n_experts": self.n_experts,
+            "expert_batches": list(self.expert_batches),
+            "expert_requests": [list(r) for r in self.expert_requests],
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        need = [f"experts.{k}" for k in ("w1", "b1", "w2", "b2")] + [
+            f"router.{k}" for k in ("keys", "key_expert", "mean", "std", "threshold")
+        ]
+        missing = [k for k in need if k not in state]
+        if missing:
+            raise StateError(f"LEMoE state misses {missing}")
+        w1, b1, w2, b2 = (state[f"experts.{k}"] for k in ("w1", "b1", "w2", "b2"))
+        width, d = cfg.expert_width, self.access.hidden_size
+        n = w1.shape[0] if w1.dim() == 3 else -1
+        shapes_ok = (
+            w1.shape == (n, width, self.d_in)
+            and b1.shape == (n, width)
+            and w2.shape == (n, self.d_out, width)
+            and b2.shape == (n, self.d_out)
+        )
+        keys, key_expert = state["router.keys"], state["router.key_expert"]
+        router_ok = (
+            keys.dim() == 2
+            and keys.shape[1] == d
+            and key_expert.shape == (keys.shape[0],)
+            and (key_expert.numel() == 0 or (int(key_expert.min()) >= 0 and int(key_expert.max()) < max(n, 1)))
+            and state["router.mean"].shape == (d,)
+            and state["router.std"].shape == (d,)
+            and state["router.threshold"].numel() == 1
+        )
+        batches, reqs = meta.get("expert_batches"), meta.get("expert_requests")
+        meta_ok = isinstance(batches, list) and isinstance(reqs, list) and len(batches) == n == len(reqs)
+        if not (shapes_ok and router_ok and meta_ok):
+            raise StateError("LEMoE state does not match this config/model (shapes or metadata inconsistent)")
+        dev, dt = self.access.device, self.access.dtype
+        self.bank = ExpertBank(*(t.to(device=dev, dtype=dt) for t in (w1, b1, w2, b2)))
+        self.keys = keys.to(device=dev, dtype=torch.float32)
+        self.key_expert = key_expert.to(device=dev, dtype=torch.long)
+        self.route_mean = state["router.mean"].to(dev, torch.float32)
+        self.route_std = state["router.std"].to(dev, torch.float32)
+        self.threshold = float(state["router.threshold"])
+        self.expert_batches = [int(b) for b in batches]
+        self.expert_requests = [list(r) for r in reqs]
+        self.batches_applied = int(meta.get("batches_applied", n))
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @contextmanager
+    def forward_context(self, prompt_mask: torch.Tensor) -> Iterator[None]:
+        """Tell the router which tokens are the prompt for the forwards inside the block."""
+        previous = self._rt.prompt_mask
+        self._rt.prompt_mask = prompt_mask
+        try:
+            yield
+        finally:
+            self._rt.prompt_mask = previous
+
+    def _on_model_forward(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rt = self._rt
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        rt.active = True
+        if ref is None:
+            rt.decoding, rt.pool_mask, rt.choice = False, None, None
+            return
+        b, t = ref.shape[:2]
+        rt.batch = b
+        keep = (
+            self.config.routing == "instance"  # type: ignore[attr-defined]
+            and _is_decoding(kwargs.get("past_key_values"))
+            and rt.choice is not None
+            and rt.choice.shape[0] == b
+        )
+        rt.decoding = keep
+        if keep:
+            return  # one decision per sequence: keep the one made at prefill
+        attn = kwargs.get("attention_mask")
+        mask = attn.bool() if isinstance(attn, torch.Tensor) and attn.shape == (b, t) else None
+        mask = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=ref.device)
+        pm = rt.prompt_mask
+        if pm is not None and pm.shape == (b, t):
+            prompt = mask & pm.to(mask.device).bool()
+            mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
+        rt.pool_mask = mask
+        rt.choice = None
+
+    def _on_model_done(self, *_: Any) -> None:
+        self._rt.active = False
+        self._rt.x = None
+
+    def _on_route_input(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rt = self._rt
+        if not rt.active or rt.mode not in ("route", "observe") or rt.decoding:
+            return
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if h.dim() == 2:  # flattened [B*T, d]
+            h = h.view(rt.batch, -1, h.shape[-1])
+        if rt.mode == "observe":
+            rt.observed = h.detach()
+            raise _Stop
+        if self.n_experts == 0:
+            rt.choice = None
+            return
+        self._ensure_calibrated()
+        mask = rt.pool_mask if rt.pool_mask is not None and rt.pool_mask.shape == h.shape[:2] else None
+        if self.config.routing == "token":  # type: ignore[attr-defined]
+            rt.choice = self._route_tokens(h)
+        else:
+            mask = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            rt.choice = self._route_queries(router.queries(h, mask, self.route_mean, self.route_std))
+            if rt.record is not None:
+                rt.record.append(rt.choice.detach().cpu().clone())
+
+    def _on_mlp_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._rt.mode in ("route", "train"):
+            self._rt.x = args[0]
+
+    def _on_mlp_output(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        rt = self._rt
+        x, rt.x = rt.x, None
+        if x is None:
+            return None
+        scale = self.config.scale  # type: ignore[attr-defined]
+        if rt.mode == "train" and rt.train_expert is not None:
+            return output + scale * rt.train_expert(x.float(), self.act).to(output.dtype)
+        if rt.mode != "route" or not rt.active or rt.choice is None or self.n_experts == 0:
+            return None
+        x3 = x.view(rt.batch, -1, x.shape[-1]) if x.dim() == 2 else x
+        choice = rt.choice
+        if choice.dim() == 2 and choice.shape[1] != x3.shape[1]:
+            return None
+        if self.config.routing == "token":  # type: ignore[attr-defined]
+            delta = apply_per_token(self.bank, x3, choice, self.act)
+        else:
+            delta = apply_per_sequence(self.bank, x3, choice, self.act)
+        if delta is None:
+            return None
+        return output + scale * delta.reshape(output.shape)
+
+    # -- routing ---------------------------------------------------------------------------------
+    def _route_queries(self, q: torch.Tensor) -> torch.Tensor:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        choice, _ = router.route(q, self.keys, self.key_expert, self.threshold if cfg.null_route else None)
+        return choice
+
+    def _route_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        q = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
+        threshold = self._rt.extra.get("token_threshold") if cfg.null_route else None
+        choice, _ = router.route(q, self.keys, self.key_expert, threshold)
+        return choice
+
+    @torch.no_grad()
+    def _route_hidden(self, texts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """The routing layer's input for each text (``[T_i, d]``), as the hooks see it."""
+        out: list[torch.Tensor] = []
+        enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        for i in range(0, len(enc), batch_size):
+            chunk = enc[i : i + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            ids, mask = ids.to(self.access.device), mask.to(self.access.device)
+            with self._mode("observe"):
+                with suppress(_Stop):
+                    self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                h = self._rt.observed
+                self._rt.observed = None
+            assert h is not None
+            out.extend(h[r, : len(s)].float() for r, s in enumerate(chunk))
+        return out
+
+    def _ensure_calibrated(self) -> None:
+        """Standardisation statistics and the null threshold, from generic text only (once)."""
+        if self.route_mean is not None and self.threshold is not None:
+            self._ensure_token_threshold()
+            return
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        texts = cfg.calibration_texts if cfg.calibration_texts is not None else list(GENERIC_PROMPTS)
+        hidden = self._route_hidden(texts)
+        self.route_mean, self.route_std = router.standardisation(hidden)
+        q = self._pool(hidden)
+        self.threshold = router.calibrate_threshold(q, cfg.null_quantile, cfg.null_margin)
+        self._ensure_token_threshold(hidden)
+
+    def _ensure_token_threshold(self, hidden: list[torch.Tensor] | None = None) -> None:
+        """Token-level gating's threshold: how close a generic token gets to another generic
+        prompt's routing embedding (the same rule, per token)."""
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.routing != "token" or "token_threshold" in self._rt.extra:
+            return
+        texts = cfg.calibration_texts if cfg.calibration_texts is not None else list(GENERIC_PROMPTS)
+        hidden = hidden if hidden is not None else self._route_hidden(texts)
+        q = self._pool(hidden)
+        best = []
+        for i, h in enumerate(hidden):
+            s = router.token_queries(h, self.route_mean, self.route_std) @ q.T  # type: ignore[arg-type]
+            s[:, i] = -1.0
+            best.append(s.max(1).values)
+        scores = torch.cat(best)
+        t = float(torch.quantile(scores, cfg.null_quantile)) + cfg.null_margin
+        self._rt.extra["token_threshold"] = min(t, 0.999)
+
+    def _pool(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        assert self.route_mean is not None and self.route_std is not None
+        return torch.stack(
+            [router.queries(h[None], torch.ones(1, h.shape[0], dtype=torch.bool, device=h.device), self.route_mean,
+                            self.route_std)[0] for h in hidden]
+        )
+
+    def routing_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit routing embeddings ``[n, d]`` of prompts (what the router compares with keys)."""
+        self._ensure_calibrated()
+        return self._pool(self._route_hidden(prompts))
+
+    def route_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The expert each prompt is routed to (``-1``: none), computed as at inference."""
+        if self.n_experts == 0:
+            return torch.full((len(prompts),), router.NULL, dtype=torch.long)
+        return self._route_queries(self.routing_embeddings(prompts)).cpu()
+
+    @contextmanager
+    def record_decisions(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the per-sequence decision of every prefill/full forward inside the block."""
+        self._rt.record = []
+        try:
+            yield self._rt.record
+        finally:
+            self._rt.record = None
+
+    @contextmanager
+    def _mode(self, mode: str, expert: Expert | None = None) -> Iterator[None]:
+        old = (self._rt.mode, self._rt.train_expert)
+        self._rt.mode, self._rt.train_expert = mode, expert
+        try:
+            yield
+        finally:
+            self._rt.mode, self._rt.train_expert = old
+            self._rt.x = None
+
+    # -- editing ---------------------------------------------------------------------------------
+    def plan_batches(self, requests: Sequence[EditRequest], batch_size: int) -> list[list[EditRequest]]:
+        """Clustered order (k-means over routing embeddings) unless ``order=arrival``."""
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.order == "arrival" or batch_size <= 1 or len(requests) <= batch_size:
+            return super().plan_batches(requests, batch_size)
+        emb = self.routing_embeddings([r.prompt for r in requests])
+        return plan_clustered(list(requests), emb, batch_size, seed=cfg.seed)
+
+    def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        self._ensure_calibrated()
+        q = self.routing_embeddings([r.prompt for r in requests])
+        batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
+        batch = batch.to(self.access.device)
+        gen = torch.Generator().manual_seed(cfg.seed + self.batches_applied)
+        expert = Expert(self.d_in, self.d_out, cfg.expert_width, self.init_std, gen)
+        expert = expert.to(self.access.device, torch.float32)
+        shared = cfg.expert_mode == "shared" and self.n_experts > 0
+        if shared:
+            self.bank.load_into(0, expert)
+        steps, loss_value, acc = self._train(expert, batch)
+        index = 0 if cfg.expert_mode == "shared" else self.n_experts
+        if shared:
+            self.bank = self.bank.replace(0, expert)
+            self.expert_requests[0].extend(r.request_id for r in requests)
+        else:
+            self.bank = self.bank.append(expert)
+            self.expert_batches.append(self.batches_applied)
+            self.expert_requests.append([r.request_id for r in requests])
+        keys = q if cfg.anchor_keys == "request" else F.normalize(q.mean(0, keepdim=True), dim=-1)
+        self.keys = torch.cat([self.keys, keys.to(self.keys)])
+        self.key_expert = torch.cat([self.key_expert, torch.full((keys.shape[0],), index, dtype=torch.long,
+                                                                  device=self.key_expert.device)])
+        return {"steps": steps, "loss": loss_value, "accuracy": acc, "experts": self.n_experts,
+                "threshold": self.threshold}
+
+    def _train(self, expert: Expert, batch: LMBatch) -> tuple[int, float, float]:
+        """AdamW on the target NLL; frozen blocks below the layer computed once; early stop."""
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        with self._mode("off"):
+            hidden, tuple_out = hidden_before_block(self.access, self.layer, batch.input_ids, batch.attention_mask)
+        opt = torch.optim.AdamW(expert.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps, loss_value, acc, extra_left = 0, float("nan"), 0.0, cfg.extra_steps
+        pos = batch.target_mask[:, 1:]
+        labels = batch.input_ids[:, 1:][pos]
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[pos]
+        counts = pos.sum(1).clamp(min=1).float()
+        with self._mode("train", expert), skip_frozen_blocks(self.access, self.layer, hidden, tuple_out):
+            for _ in range(cfg.steps):
+                logits = self._target_logits(batch, pos)
+                with torch.no_grad():
+                    right = (logits.argmax(-1) == labels).float()
+                    per_seq = torch.zeros_like(counts).index_add_(0, rows, right) / counts
+                    acc = float(per_seq.min())
+                if acc >= cfg.stop_accuracy:
+                    if extra_left <= 0:
+                        break
+                    extra_left -= 1
+                nll = F.cross_entropy(logits.float(), labels, reduction="none")
+                loss = (torch.zeros_like(counts).index_add(0, rows, nll) / counts).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                loss_value = float(loss.detach())
+        expert.requires_grad_(False)
+        return steps, loss_value, acc
+
+    def _target_logits(self, batch: LMBatch, pos: torch.Tensor) -> torch.Tensor:
+        """Logits at the positions that predict target tokens only (the LM head over a 49k
+        vocabulary on every position would cost more than the blocks above the edited layer)."""
+        base = self.model.base_model
+        out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        h = out[0][:, :-1][pos]
+        logits = self.model.get_output_embeddings()(h)
+        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def rollback(self, batch_index: int) -> None:
+        """Remove the expert trained on batch ``batch_index``; every other expert is untouched."""
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.expert_mode == "shared":
+            raise RollbackNotSupported("expert_mode=shared mixes every batch into one expert")
+        if batch_index not in self.expert_batches:
+            raise KeyError(f"no expert for batch {batch_index} (have {self.expert_batches})")
+        p = self.expert_batches.index(batch_index)
+        self.bank = self.bank.remove(p)
+        keep = self.key_expert != p
+        self.keys = self.keys[keep]
+        ke = self.key_expert[keep]
+        self.key_expert = torch.where(ke > p, ke - 1, ke)
+        del self.expert_batches[p]
+        del self.expert_requests[p]
+
+    def parameters_per_expert(self) -> int:
+        w = self.config.expert_width  # type: ignore[attr-defined]
+        return w * self.d_in + w + self.d_out * w + self.d_out
+
+
+def _validate(cfg: LEMoEConfig, layer: int, n_layers: int) -> None:
+    """Reject bad options before anything touches the model."""
+    checks = [
+        (0 <= layer < n_layers, f"layer {layer} out of range for a {n_layers}-layer model"),
+        (0 <= cfg.route_layer <= layer, f"route_layer must be in [0, layer={layer}], got {cfg.route_layer}"),
+        (cfg.expert_width >= 1, "expert_width must be >= 1"),
+        (cfg.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
+        (math.isfinite(cfg.scale), "scale must be finite"),
+        (cfg.init_std is None or cfg.init_std > 0, "init_std must be > 0"),
+        (cfg.expert_mode in ("new", "shared"), "expert_mode must be new or shared"),
+        (cfg.routing in ("instance", "token"), "routing must be instance or token"),
+        (cfg.anchor_keys in ("request", "centroid"), "anchor_keys must be request or centroid"),
+        (0.0 <= cfg.null_quantile <= 1.0, "null_quantile must be in [0, 1]"),
+        (math.isfinite(cfg.null_margin), "null_margin must be finite"),
+        (cfg.lr > 0, "lr must be > 0"),
+        (cfg.steps >= 1, "steps must be >= 1"),
+        (cfg.extra_steps >= 0, "extra_steps must be >= 0"),
+        (0.0 < cfg.stop_accuracy <= 1.0, "stop_accuracy must be in (0, 1]"),
+        (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+        (cfg.order in ("cluster", "arrival"), "order must be cluster or arrival"),
+        (
+            cfg.calibration_texts is None
+            or (
+                isinstance(cfg.calibration_texts, list)
+                and len(cfg.calibration_texts) >= 2
+                and all(isinstance(t, str) and t.strip() for t in cfg.calibration_texts)
+            ),
+            "calibration_texts must be a list of at least 2 non-empty strings",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"lemoe: {message}")
