@@ -13,6 +13,9 @@ from lemoe.methods.base import BatchReport, EditMethod, MethodConfig, StateError
 METHODS: dict[str, str] = {
     "ft-l": "lemoe.methods.ft:FTL",
     "ft-m": "lemoe.methods.ft:FTM",
+    "memit": "lemoe.methods.memit:MEMIT",
+    "alphaedit": "lemoe.methods.alphaedit.method:AlphaEdit",
+    "coachhook": "lemoe.methods.coachhook.method:CoachHooK",
     "malmen": "lemoe.methods.malmen.method:MALMEN",
     "mend-sum": "lemoe.methods.malmen.method:MENDSum",
     "lemoe": "lemoe.methods.lemoe.method:LEMoE",

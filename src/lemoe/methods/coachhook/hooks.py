@@ -1,0 +1,87 @@
+"""Hook layers: edited copies of MLP output projections, applied by forward hooks.
+
+The original projection always runs (``P = W_0 x``); the hook adds ``(W_h - W_0) x``, so
+``O = W_h x`` without ever writing to ``W_0``. A **temporary** hook always uses ``O``. A
+**validated** hook uses ``O`` only at "outlier" tokens: with ``M_t = ‖O_t − P_t‖`` over the real
+(unpadded) tokens of a sequence, token ``t`` swaps when its z-score ``(M_t − mean M) / std M`` is at
+least ``α``. A sequence of one token has no spread, so it never swaps (nor does a generation step
+that feeds one new token; the edit acts on the prompt, whose keys reach later steps through the
+KV cache). Removing the hooks restores the base model exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lemoe.models.access import weight_as_out_in
+
+Mode = Literal["validated", "temporary"]
+
+
+def zscores(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row z-scores of ``m`` over ``valid`` positions; ``-inf`` where undefined (one token,
+    zero spread, or padding)."""
+    validf = valid.to(m.dtype)
+    n = validf.sum(-1, keepdim=True)
+    mean = (m * validf).sum(-1, keepdim=True) / n.clamp(min=1)
+    var = ((m - mean) ** 2 * validf).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+    std = var.sqrt()
+    ok = valid & (n > 1) & (std > 0)
+    z = (m - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(ok, z, torch.full_like(z, float("-inf")))
+
+
+class HookLayer:
+    """One edited output projection: its weight change, mode and threshold."""
+
+    def __init__(self, module: nn.Module, layer: int, alpha: float, masks: MaskSource) -> None:
+        w = weight_as_out_in(module)
+        d_out, d_in = w.shape
+        self.module = module
+        self.layer = layer
+        self.delta = torch.zeros(d_out, d_in, dtype=torch.float32, device=w.device)  # W_h - W_0
+        self.active = False  # False while delta is zero: the hook returns the output untouched
+        self.mode: Mode = "validated"
+        self.alpha = float(alpha)
+        self.masks = masks
+        self.record: list[torch.Tensor] | None = None  # per-row max z, while recording
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:
+            return None
+        x = args[0]
+        diff = x @ self.delta.to(x.dtype).T  # O - P
+        if self.mode == "temporary":
+            return output + diff
+        squeeze = diff.dim() == 2
+        d3 = diff.unsqueeze(0) if squeeze else diff
+        m = d3.float().norm(dim=-1)  # [B, T]
+        valid = self.masks.valid(m.shape, m.device)
+        z = zscores(m, valid)
+        if self.record is not None:
+            self.record.append(z.max(-1).values.detach().cpu())
+        swap = (torch.isfinite(z) & (z >= self.alpha)).unsqueeze(-1).to(diff.dtype)  # undefined z: never
+        out3 = (output.unsqueeze(0) if squeeze else output) + d3 * swap
+        return out3.squeeze(0) if squeeze else out3
+
+
+class MaskSource:
+    """Remembers the attention mask of the current forward pass (a pre-hook on the base model),
+    so hooks can ignore padding when they compute z-scores."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def valid(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        b, t = shape
+        mask = self.mask
+        if mask is not None and mask.shape[0] == b and mask.shape[1] >= t:
+            return mask[:, -t:].to(device).bool()  # with a KV cache the mask also covers earlier tokens
+        return torch.ones((b, t), dtype=torch.bool, device=device)

@@ -1,0 +1,207 @@
+"""COMEBA-HK / CoachHooK (Li et al., EMNLP 2024): consecutive batch editing in hook layers.
+
+State per edited layer, constant in size: the hook weight ``W_h`` (kept as ``W_h - W_0``), the
+accumulated key covariance ``C_accu`` (starts at ``λ C0``) and the threshold ``α``. One batch:
+
+1. with validated hooks on (earlier edits active) compute the targets ``z`` at the last layer;
+2. switch every hook to temporary;
+3. for each layer from the bottom: keys ``K``, residual spread as in MEMIT,
+   ``Δ = R Kᵀ (C_accu + K Kᵀ)⁻¹``, ``W_h += Δ``, ``C_accu += K Kᵀ``, hook becomes validated;
+4. dynamic α: run the batch's prompts and set ``α ← min(α, min_i max_t z_it)`` per layer, so every
+   edited prompt swaps at least one token in every layer (α never increases).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import torch
+
+from lemoe.methods.base import StateError
+from lemoe.methods.coachhook.config import CoachHooKConfig
+from lemoe.methods.coachhook.hooks import HookLayer, MaskSource, Mode
+from lemoe.methods.locate import (
+    LocateEditMethod,
+    block_outputs,
+    compute_ks,
+    compute_z,
+    memit_delta,
+    spread_residual,
+)
+from lemoe.methods.locate.positions import pad_id, pad_right
+from lemoe.requests import EditRequest
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(*_: Any) -> None:
+    raise _Stop
+
+
+class CoachHooK(LocateEditMethod):
+    name = "coachhook"
+    config_class = CoachHooKConfig
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, config: CoachHooKConfig | None = None) -> None:
+        super().__init__(model, tokenizer, config)
+        cfg: CoachHooKConfig = self.config  # type: ignore[assignment]
+        self.masks = MaskSource()
+        self.hooks = [
+            HookLayer(m, layer, cfg.alpha_init, self.masks)
+            for layer, m in zip(self.layers, self.out_projs, strict=True)
+        ]
+        self.c_accu: dict[int, torch.Tensor] | None = None  # float64, CPU
+        self._handles: list[Any] = []
+        self.attach()
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register the hooks (done on construction; a no-op when already attached)."""
+        if self._handles:
+            return
+        base = self.model.base_model  # type: ignore[attr-defined]
+        self._handles.append(base.register_forward_pre_hook(self.masks, with_kwargs=True))
+        self._handles.extend(h.module.register_forward_hook(h) for h in self.hooks)
+
+    def detach(self) -> None:
+        """Remove every hook: the model computes exactly what the unedited model computes."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def hooks_off(self) -> Iterator[None]:
+        attached = bool(self._handles)
+        self.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self.attach()
+
+    def _set_mode(self, mode: Mode, hooks: Sequence[HookLayer] | None = None) -> None:
+        for h in hooks if hooks is not None else self.hooks:
+            h.mode = mode
+
+    @property
+    def alphas(self) -> list[float]:
+        return [h.alpha for h in self.hooks]
+
+    # -- editing ---------------------------------------------------------------------------------
+    def _ensure_c_accu(self) -> dict[int, torch.Tensor]:
+        if self.c_accu is None:
+            with self.hooks_off():  # C0 describes the unedited model
+                mom2 = self.mom2()
+            self.c_accu = {layer: self.cfg.mom2_weight * mom2[layer].clone() for layer in self.layers}
+        return self.c_accu
+
+    def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
+        with self.hooks_off():
+            self.prepare()
+        c_accu = self._ensure_c_accu()
+        last = self.layers[-1]
+        self._set_mode("validated")
+        zs, info = compute_z(self.model, self.access, self.tokenizer, requests, last, self.cfg, self.z_templates())
+        self._set_mode("temporary")
+        norms = []
+        try:
+            for i, (layer, hook) in enumerate(zip(self.layers, self.hooks, strict=True)):
+                ks = compute_ks(self.access, self.tokenizer, layer, requests, self.key_templates())
+                current = block_outputs(self.access, self.tokenizer, last, requests)
+                resid = spread_residual(zs, current, len(self.layers) - i)
+                delta = memit_delta(resid, ks, c_accu[layer])
+                hook.delta += delta.to(hook.delta)
+                hook.active = True
+                c_accu[layer] += ks.double().T @ ks.double()
+                hook.mode = "validated"
+                norms.append(float(delta.norm()))
+        finally:
+            self._set_mode("validated")
+        if self.cfg.dynamic_alpha:
+            self.update_alpha(requests)
+        return {**self.take_info(), **info, "delta_norms": norms, "alpha": self.alphas}
+
+    @torch.no_grad()
+    def prompt_max_z(self, requests: Sequence[EditRequest], upto: int | None = None) -> list[torch.Tensor]:
+        """Per layer (up to hook index ``upto``), each prompt's largest token z-score (``-inf``
+        where none is defined), with the thresholds as they are now."""
+        hooks = self.hooks if upto is None else self.hooks[: upto + 1]
+        for h in hooks:
+            h.record = []
+        stop = hooks[-1].module.register_forward_hook(_raise_stop)
+        try:
+            for i in range(0, len(requests), 32):
+                chunk = requests[i : i + 32]
+                enc = [self.tokenizer(r.prompt, add_special_tokens=True)["input_ids"] for r in chunk]  # type: ignore[operator]
+                ids, mask = pad_right(enc, pad_id(self.tokenizer))
+                with suppress(_Stop):
+                    self.model(input_ids=ids.to(self.access.device), attention_mask=mask.to(self.access.device))
+            return [torch.cat(h.record) if h.record else torch.empty(0) for h in hooks]  # type: ignore[arg-type]
+        finally:
+            stop.remove()
+            for h in hooks:
+                h.record = None
+
+    def update_alpha(self, requests: Sequence[EditRequest]) -> None:
+        """α_l ← min(α_l, min_i max_t z_it) over prompts where a z-score exists (never increases).
+
+        Layers are updated from the bottom: a lower α changes which tokens swap below, and so the
+        z-scores above, so each layer is measured with the final thresholds of the layers below.
+        """
+        floor = self.cfg.alpha_floor  # type: ignore[attr-defined]
+        for index, hook in enumerate(self.hooks):
+            if not hook.active:
+                continue
+            zmax = self.prompt_max_z(requests, upto=index)[-1]
+            defined = zmax[torch.isfinite(zmax)]
+            if defined.numel() == 0:
+                continue
+            new = min(hook.alpha, float(defined.min()))
+            hook.alpha = max(new, floor) if floor is not None else new
+
+    def reset(self) -> None:
+        for h in self.hooks:
+            h.delta.zero_()
+            h.active = False
+            h.mode = "validated"
+            h.alpha = float(self.cfg.alpha_init)  # type: ignore[attr-defined]
+        self.c_accu = None
+        self.batches_applied = 0
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"delta.{h.layer}": h.delta.detach().cpu() for h in self.hooks}
+        if self.c_accu is not None:
+            state.update({f"c_accu.{layer}": c for layer, c in self.c_accu.items()})
+        return state
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "alpha": self.alphas}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._load_meta(meta)
+        alphas = meta.get("alpha")
+        if not isinstance(alphas, list) or len(alphas) != len(self.hooks):
+            raise StateError(f"saved state has alpha {alphas!r}; expected one per layer {self.layers}")
+        if not all(isinstance(a, (int, float)) and not math.isnan(a) for a in alphas):
+            raise StateError(f"saved alpha values are not numbers: {alphas!r}")
+        for h in self.hooks:
+            delta = state.get(f"delta.{h.layer}")
+            if delta is None or delta.shape != h.delta.shape:
+                raise StateError(f"saved delta.{h.layer} is missing or has the wrong shape")
+        has_c = [f"c_accu.{layer}" in state for layer in self.layers]
+        if any(has_c) and not all(has_c):
+            raise StateError("saved state holds C_accu for some layers only")
+        for h, a in zip(self.hooks, alphas, strict=True):
+            h.delta.copy_(state[f"delta.{h.layer}"].to(h.delta))
+            h.active = bool(h.delta.any())
+            h.mode = "validated"
+            h.alpha = float(a)
+        self.c_accu = (
+            {layer: state[f"c_accu.{layer}"].double().clone() for layer in self.layers} if all(has_c) else None
+        )

@@ -1,0 +1,194 @@
+"""CoachHooK: hook layers, the z-score scope rule, dynamic α, consecutive batches, state."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from lemoe.methods import build_method, load_method
+from lemoe.methods.base import StateError
+from lemoe.methods.coachhook import CoachHooK, CoachHooKConfig, zscores
+from lemoe.models import weight_as_out_in
+from lemoe.requests import EditRequest
+from lemoe.testing import tiny_model
+
+BATCHES = [
+    [
+        EditRequest(prompt="The capital of the country France is", target_new="Rome", subject="France"),
+        EditRequest(
+            prompt="The mother tongue of Danielle Darrieux is", target_new="English", subject="Danielle Darrieux"
+        ),
+    ],
+    [
+        EditRequest(prompt="The Eiffel Tower is located in the city of", target_new="Berlin", subject="Eiffel Tower"),
+        EditRequest(prompt="Who wrote the famous play Hamlet?", target_new="Charles Dickens"),
+    ],
+    [EditRequest(prompt="The famous company Apple was founded by", target_new="Bill Gates", subject="Apple")],
+]
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LEMOE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"Line {i}: the river runs past the old castle and the market." for i in range(12)))
+    return str(path)
+
+
+def config(corpus: str, **kw: object) -> CoachHooKConfig:
+    opts = dict(layers=[1, 2], stats_corpus=corpus, stats_samples=12, stats_max_tokens=16, v_steps=4,
+                key_contexts=1, context_length=3, mom2_weight=10.0)  # fmt: skip
+    opts.update(kw)
+    return CoachHooKConfig(**opts)
+
+
+def logits(model: torch.nn.Module, tokenizer: object, texts: list[str]) -> torch.Tensor:
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+
+
+def test_zscores_ignore_padding_and_single_tokens() -> None:
+    m = torch.tensor([[1.0, 1.0, 1.0, 9.0, 100.0], [5.0, 0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 0.0, 0.0]])
+    valid = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]).bool()
+    z = zscores(m, valid)
+    assert z[0, 3] == z[0, :4].max() and z[0, 3] == pytest.approx(1.5)  # (9-3)/std([1,1,1,9])=6/4
+    assert torch.isinf(z[0, 4]) and z[0, 4] < 0  # padding never swaps
+    assert torch.isinf(z[1]).all()  # one token: no spread
+    assert torch.isinf(z[2]).all()  # zero spread
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hooks_off_logits_identical_and_weights_untouched(
+    family: str, tokenizer: object, cache: Path, corpus: str
+) -> None:
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = ["The capital of the country France is", "Hello there, how are you today?"]
+    base = logits(model, tokenizer, texts)
+    method = build_method("coachhook", model, tokenizer, config(corpus).to_dict())
+    assert torch.equal(logits(model, tokenizer, texts), base)  # attached but empty hooks change nothing
+    for batch in BATCHES[:2]:
+        method.apply(batch)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # W_0 never changes
+    assert not torch.equal(logits(model, tokenizer, texts[:1]), base[:1, : len(tokenizer(texts[0])["input_ids"])])
+    with method.hooks_off():
+        assert torch.equal(logits(model, tokenizer, texts), base)
+    method.detach()
+    assert torch.equal(logits(model, tokenizer, texts), base)
+
+
+def test_one_token_input_never_swaps(tokenizer: object, cache: Path, corpus: str) -> None:
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus))
+    method.apply(BATCHES[0])
+    for h in method.hooks:  # make the edit enormous: only the scope rule can keep it out
+        h.delta.mul_(1e3)
+        h.alpha = float("-inf")
+    ids = torch.tensor([[tokenizer("France")["input_ids"][-1]], [tokenizer(" Paris")["input_ids"][-1]]])
+    with torch.no_grad():
+        edited = model(input_ids=ids).logits
+        with method.hooks_off():
+            base = model(input_ids=ids).logits
+    assert torch.equal(edited, base)
+    for h in method.hooks:
+        h.mode = "temporary"  # a temporary hook does change a one-token input
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_alpha_never_increases_and_every_prompt_swaps(tokenizer: object, cache: Path, corpus: str) -> None:
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus))
+    history = [method.alphas]
+    for batch in BATCHES:
+        report = method.apply(batch)
+        history.append(report.info["alpha"])
+        # dynamic alpha: each prompt of the batch triggers at least one swap in every layer
+        for alpha, zmax in zip(method.alphas, method.prompt_max_z(batch), strict=True):
+            finite = zmax[torch.isfinite(zmax)]
+            assert bool((finite >= alpha - 1e-6).all())
+    for earlier, later in itertools.pairwise(history):
+        assert all(b <= a for a, b in zip(earlier, later, strict=True))
+    assert all(a <= 2.2 for a in history[-1])
+
+
+def test_alpha_floor_and_static_alpha(tokenizer: object, cache: Path, corpus: str) -> None:
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus, alpha_floor=2.0))
+    method.apply(BATCHES[0])
+    assert all(2.0 <= a <= 2.2 for a in method.alphas)
+    static = CoachHooK(tiny_model("llama"), tokenizer, config(corpus, dynamic_alpha=False))
+    static.apply(BATCHES[0])
+    assert static.alphas == [2.2, 2.2]
+    with pytest.raises(ValueError, match="alpha_floor"):
+        CoachHooKConfig(alpha_floor=3.0).validate()
+
+
+def test_consecutive_batches_accumulate_c_and_reset(tokenizer: object, cache: Path, corpus: str) -> None:
+    model = tiny_model("gpt2")
+    method = CoachHooK(model, tokenizer, config(corpus))
+    method.apply(BATCHES[0])
+    c1 = {k: v.clone() for k, v in method.c_accu.items()}
+    d1 = [h.delta.clone() for h in method.hooks]
+    method.apply(BATCHES[1])
+    for layer in method.layers:  # C_accu grows by K K^T (positive semi-definite)
+        grown = method.c_accu[layer] - c1[layer]
+        assert float(torch.linalg.eigvalsh(grown).min()) > -1e-6 * float(grown.abs().max()) and float(grown.trace()) > 0
+    assert any(not torch.equal(h.delta, d) for h, d in zip(method.hooks, d1, strict=True))
+    method.reset()
+    assert method.c_accu is None and all(not h.active and float(h.delta.abs().sum()) == 0 for h in method.hooks)
+    assert method.alphas == [2.2, 2.2]
+
+
+def test_state_round_trip(tokenizer: object, cache: Path, corpus: str, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus))
+    for batch in BATCHES[:2]:
+        method.apply(batch)
+    texts = ["The capital of the country France is", "Who wrote the famous play Hamlet?"]
+    expected = logits(model, tokenizer, texts)
+    method.save_pretrained(tmp_path / "hooks")
+
+    fresh = tiny_model("llama")
+    loaded = load_method(str(tmp_path / "hooks"), fresh, tokenizer)
+    assert isinstance(loaded, CoachHooK)
+    assert loaded.alphas == method.alphas and loaded.batches_applied == 2
+    torch.testing.assert_close(logits(fresh, tokenizer, texts), expected)
+    for layer in method.layers:
+        assert torch.equal(loaded.c_accu[layer], method.c_accu[layer])
+    loaded.apply(BATCHES[2])  # carries (W_h, C_accu, alpha) on
+    assert all(b <= a for a, b in zip(method.alphas, loaded.alphas, strict=True))
+
+    bad = loaded.state_meta() | {"alpha": [1.0]}
+    with pytest.raises(StateError):
+        CoachHooK(tiny_model("llama"), tokenizer, config(corpus)).load_state_dict(loaded.state_dict(), bad)
+    before = weight_as_out_in(fresh.model.layers[1].mlp.down_proj).clone()
+    assert torch.equal(before, weight_as_out_in(tiny_model("llama").model.layers[1].mlp.down_proj))
+
+
+@pytest.mark.slow
+def test_coachhook_on_smollm2_keeps_locality(smollm2: tuple) -> None:
+    from lemoe.data import load_spec
+    from lemoe.evaluation import Evaluator
+
+    model, tok = smollm2
+    requests, _ = load_spec("zsre:sample")
+    requests = requests[:4]
+    evaluator = Evaluator(model, tok, exact_match=False)
+    reference = evaluator.reference(requests)
+    method = build_method("coachhook", model, tok, {"stats_samples": 32, "stats_max_tokens": 32})
+    try:
+        method.apply(requests)
+        scores = evaluator.evaluate(requests, reference).aggregate
+        assert scores["reliability.token_acc"] >= 0.75
+        assert scores["locality.agreement"] >= 0.95
+    finally:
+        method.detach()
