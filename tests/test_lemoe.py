@@ -1,0 +1,251 @@
+"""LEMoE: insertion, routing consistency, null route, frozen experts, persistence, rollback, planning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lemoe.evaluation import Evaluator
+from lemoe.evaluation.scorers import encode_pairs, greedy_generate, teacher_forced_predictions
+from lemoe.methods import build_method, load_method
+from lemoe.methods.base import RollbackNotSupported, StateError
+from lemoe.methods.lemoe import LEMoE, StreamingPlanner, kmeans, plan_clustered
+from lemoe.methods.lemoe.experts import Expert, ExpertBank, apply_per_sequence
+from lemoe.methods.lemoe.router import NULL, route
+from lemoe.requests import EditRequest, InvalidRequestError
+from lemoe.testing import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gptj", "gpt_neox", "opt"]
+OPTS = {"layer": 2, "steps": 40, "lr": 2e-2}
+EDITS = [
+    EditRequest(prompt="The capital of Freedonia is", target_new="Quuxville"),
+    EditRequest(prompt="The mother tongue of Danielle Darrieux is", target_new="Klingon"),
+    EditRequest(prompt="Which river does the town of Brno lie on?", target_new="Amazon"),
+]
+UNRELATED = ["How do bees make honey?", "Please write a short poem about the sea."]
+
+
+def _logits(model: torch.nn.Module, tokenizer, prompts: list[str]) -> torch.Tensor:
+    tokenizer.padding_side = "right"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_insertion_is_exact_noop_then_edits_every_family(family: str, tokenizer) -> None:
+    model = tiny_model(family)
+    prompts = [EDITS[0].prompt, *UNRELATED]
+    base = _logits(model, tokenizer, prompts)
+    method = build_method("lemoe", model, tokenizer, OPTS)
+    assert torch.equal(_logits(model, tokenizer, prompts), base)  # hooks, no expert: identical
+    report = method.apply([EDITS[0]])
+    assert report.info["accuracy"] == 1.0
+    assert method.route_prompts(prompts).tolist() == [0, NULL, NULL]
+    after = _logits(model, tokenizer, prompts)
+    assert not torch.equal(after[0], base[0])
+    assert torch.equal(after[1:], base[1:])  # null route: unrelated inputs bit-identical
+    method.remove_hooks()
+    assert torch.equal(_logits(model, tokenizer, prompts), base)
+
+
+def test_new_expert_is_a_noop_and_batched_gather_matches_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    experts = [Expert(8, 8, 4, 0.5, g) for _ in range(3)]
+    x = torch.randn(4, 5, 8)
+    assert torch.equal(experts[0](x, torch.nn.functional.gelu), torch.zeros(4, 5, 8))
+    for e in experts:
+        torch.nn.init.normal_(e.w2)
+    bank = ExpertBank.empty(8, 8, 4, torch.float32, torch.device("cpu"))
+    for e in experts:
+        bank = bank.append(e)
+    choice = torch.tensor([2, NULL, 0, 2])
+    out = apply_per_sequence(bank, x, choice, torch.nn.functional.gelu)
+    assert out is not None
+    for b, c in enumerate(choice.tolist()):
+        want = torch.zeros(5, 8) if c < 0 else experts[c](x[b], torch.nn.functional.gelu)
+        torch.testing.assert_close(out[b], want)
+    assert apply_per_sequence(bank, x, torch.full((4,), NULL), torch.nn.functional.gelu) is None
+
+
+def test_route_prefers_newest_on_ties_and_null_below_threshold() -> None:
+    keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    owner = torch.tensor([0, 1, 2])
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]), dim=-1)
+    choice, _ = route(q, keys, owner, 0.9)
+    assert choice.tolist() == [1, 2, NULL]
+
+
+@pytest.fixture
+def edited(tokenizer):
+    model = tiny_model("llama")
+    method = build_method("lemoe", model, tokenizer, OPTS)
+    for r in EDITS:
+        method.apply([r])
+    return model, method
+
+
+def test_frozen_experts_stay_bit_identical(tokenizer) -> None:
+    model = tiny_model("llama")
+    method = build_method("lemoe", model, tokenizer, OPTS)
+    method.apply([EDITS[0]])
+    first = {k: v.clone() for k, v in method.bank.tensors().items()}
+    method.apply([EDITS[1]])
+    method.apply([EDITS[2]])
+    for k, v in method.bank.tensors().items():
+        assert torch.equal(v[0], first[k][0])
+    assert method.route_prompts([r.prompt for r in EDITS]).tolist() == [0, 1, 2]
+
+
+def test_routing_identical_in_training_evaluation_and_generation(edited, tokenizer) -> None:
+    model, method = edited
+    prompts = [r.prompt for r in EDITS] + UNRELATED
+    expected = method.route_prompts(prompts)  # the computation that makes anchors at training time
+    assert expected.tolist() == [0, 1, 2, NULL, NULL]
+    pairs = encode_pairs(tokenizer, prompts, ["Quuxville"] * len(prompts))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].answer_ids))
+    with method.record_decisions() as tf:
+        teacher_forced_predictions(model, tokenizer, pairs, batch_size=8, context=method.forward_context)
+    assert torch.equal(tf[0], expected[order])  # prompt-only pooling although the answer is fed too
+    gen_order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids))
+    with method.record_decisions() as gd:
+        greedy_generate(model, tokenizer, [p.prompt_ids for p in pairs], [4] * len(pairs), batch_size=8,
+                        context=method.forward_context)
+    assert len(gd) == 1 and torch.equal(gd[0], expected[gen_order])  # one decision, kept while decoding
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with method.record_decisions() as hf:
+        model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.padding_side = "right"
+    assert len(hf) == 1 and torch.equal(hf[0], expected)
+
+
+def test_save_load_round_trip_on_fresh_model(edited, tokenizer, tmp_path) -> None:
+    model, method = edited
+    prompts = [r.prompt for r in EDITS] + UNRELATED
+    want = _logits(model, tokenizer, prompts)
+    method.save_pretrained(tmp_path / "adaptor")
+    fresh = tiny_model("llama")
+    loaded = load_method(str(tmp_path / "adaptor"), fresh, tokenizer)
+    assert isinstance(loaded, LEMoE) and loaded.n_experts == 3
+    assert torch.equal(_logits(fresh, tokenizer, prompts), want)
+    assert loaded.route_prompts(prompts).tolist() == method.route_prompts(prompts).tolist()
+
+
+def test_corrupt_state_is_rejected(edited, tokenizer, tmp_path) -> None:
+    _, method = edited
+    state, meta = method.state_dict(), method.state_meta()
+    fresh = build_method("lemoe", tiny_model("llama"), tokenizer, OPTS)
+    bad = dict(state)
+    bad["experts.w1"] = bad["experts.w1"][:, :, :3]
+    with pytest.raises(StateError):
+        fresh.load_state_dict(bad, meta)
+    with pytest.raises(StateError):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "router.keys"}, meta)
+    with pytest.raises(StateError):
+        fresh.load_state_dict(state, {**meta, "expert_batches": [0]})
+    assert fresh.n_experts == 0
+
+
+def test_rollback_removes_one_batch_only(edited, tokenizer) -> None:
+    model, method = edited
+    prompts = [r.prompt for r in EDITS]
+    before = _logits(model, tokenizer, prompts)
+    method.remove_hooks()
+    base = _logits(model, tokenizer, prompts)
+    method2 = build_method("lemoe", model, tokenizer, OPTS)
+    method2.load_state_dict(method.state_dict(), method.state_meta())
+    method2.rollback(1)
+    after = _logits(model, tokenizer, prompts)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    assert torch.equal(after[1], base[1])
+    assert method2.route_prompts(prompts).tolist() == [0, NULL, 1]
+    with pytest.raises(KeyError):
+        method2.rollback(1)
+
+
+def test_reset_restores_base(edited, tokenizer) -> None:
+    model, method = edited
+    method.reset()
+    fresh = tiny_model("llama")
+    prompts = [EDITS[0].prompt, *UNRELATED]
+    assert torch.equal(_logits(model, tokenizer, prompts), _logits(fresh, tokenizer, prompts))
+
+
+def test_bad_options_and_batches_change_nothing(tokenizer) -> None:
+    model = tiny_model("llama")
+    n_hooks = len(model._forward_pre_hooks)
+    for bad in ({"expert_width": 0}, {"layer": 9}, {"route_layer": 3, "layer": 2}, {"null_quantile": 2.0},
+                {"calibration_texts": ["only one"]}, {"activation": "tanh"}):
+        with pytest.raises(ValueError):
+            build_method("lemoe", model, tokenizer, bad)
+    assert len(model._forward_pre_hooks) == n_hooks
+    with pytest.raises(ValueError):
+        build_method("lemoe", model, tokenizer, {"no_such_option": 1})
+    method = build_method("lemoe", model, tokenizer, OPTS)
+    with pytest.raises(InvalidRequestError):
+        method.apply([EDITS[0], "not a request"])  # type: ignore[list-item]
+    assert method.n_experts == 0 and method.batches_applied == 0
+
+
+def test_token_gating_and_shared_expert_modes(tokenizer) -> None:
+    model = tiny_model("llama")
+    token = build_method("lemoe", model, tokenizer, {**OPTS, "routing": "token"})
+    token.apply([EDITS[0]])
+    assert token.n_experts == 1
+    token.remove_hooks()
+    shared = build_method("lemoe", model, tokenizer, {**OPTS, "expert_mode": "shared"})
+    shared.apply([EDITS[0]])
+    shared.apply([EDITS[1]])
+    assert shared.n_experts == 1 and shared.key_expert.tolist() == [0, 0]
+    with pytest.raises(RollbackNotSupported):
+        shared.rollback(0)
+
+
+def test_clustered_planning_and_streaming() -> None:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 5
+    x = torch.cat([c + 0.1 * torch.randn(4, 16, generator=g) for c in centers])
+    perm = torch.randperm(12, generator=g)
+    labels = kmeans(x[perm], 3, seed=0)
+    truth = (perm // 4).tolist()
+    assert len({(a, b) for a, b in zip(labels.tolist(), truth, strict=True)}) == 3  # clusters recovered
+    items = list(range(12))
+    batches = plan_clustered(items, x[perm], 4)
+    assert sorted(i for b in batches for i in b) == items
+    assert all(len({truth[i] for i in b}) == 1 for b in batches)  # each batch is one cluster
+    planner = StreamingPlanner(lambda xs, bs: plan_clustered(xs, x[perm][xs], bs), batch_size=4, buffer_size=8)
+    out = [b for i in items for b in planner.add(i)] + planner.flush()
+    assert sorted(i for b in out for i in b) == items and all(len(b) <= 4 for b in out)
+
+
+def test_plan_batches_arrival_and_cluster(tokenizer) -> None:
+    model = tiny_model("llama")
+    reqs = [EditRequest(prompt=f"Fact number {i} is about item {i}", target_new=f"value {i}") for i in range(6)]
+    arrival = build_method("lemoe", model, tokenizer, {**OPTS, "order": "arrival"})
+    assert arrival.plan_batches(reqs, 2) == [reqs[0:2], reqs[2:4], reqs[4:6]]
+    arrival.remove_hooks()
+    clustered = build_method("lemoe", model, tokenizer, OPTS).plan_batches(reqs, 2)
+    assert sorted(r.request_id for b in clustered for r in b) == sorted(r.request_id for r in reqs)
+
+
+@pytest.mark.slow
+def test_real_model_lifelong_run(smollm2, shared_data) -> None:
+    from lemoe.data.loaders import zsre_record
+    from lemoe.runner import Protocol, run_protocol
+
+    model, tokenizer = smollm2
+    import json
+
+    records = json.loads((shared_data / "zsre" / "zsre_dev.json").read_text())[:5]
+    requests = [zsre_record(r) for r in records]
+    method = build_method("lemoe", model, tokenizer, {"lr": 2e-2})
+    try:
+        record = run_protocol(method, requests, Protocol(edits=5, edits_per_step=1), Evaluator(model, tokenizer),
+                              progress=False, evaluate_pre=False)
+    finally:
+        method.remove_hooks()
+    agg = record["aggregate"]
+    assert agg["reliability.token_acc"] >= 0.95
+    assert agg["locality.agreement"] >= 0.99
+    assert method.route_prompts([r.prompt for r in requests]).tolist() == [0, 1, 2, 3, 4]
