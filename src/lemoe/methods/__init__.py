@@ -18,6 +18,8 @@ METHODS: dict[str, str] = {
     "coachhook": "lemoe.methods.coachhook.method:CoachHooK",
     "malmen": "lemoe.methods.malmen.method:MALMEN",
     "mend-sum": "lemoe.methods.malmen.method:MENDSum",
+    "oedit": "lemoe.methods.oedit.method:OEdit",
+    "oedit-plus": "lemoe.methods.oedit.method:OEditPlus",
     "lemoe": "lemoe.methods.lemoe.method:LEMoE",
 }
 

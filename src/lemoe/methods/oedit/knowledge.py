@@ -1,0 +1,140 @@
+"""Statistics of the unedited model on generic facts, for the knowledge basis B_k, and the edit loss.
+
+``knowledge_covariance`` runs the packaged knowns (``prompt + " " + attribute``) through the model
+once, in small batches, and accumulates per edited layer a ``[D, D]`` second-moment matrix whose
+top eigenvectors are the rank-q SVD of the underlying data:
+
+- ``keys``: the vectors W_out sees (``side="in"``: its inputs, the MLP keys, at every real token)
+  or produces (``side="out"``: its outputs). Protecting these keeps W_out's behaviour on generic
+  text (AlphaEdit's preserved-knowledge keys).
+- ``gradients``: per-fact gradients of the answer NLL with respect to W_out (GPM's "core gradient
+  space"). For a linear layer ``G_i = D_i^T X_i`` (output gradients times inputs over tokens), so
+  ``sum_i G_i^T G_i`` (in) / ``sum_i G_i G_i^T`` (out) is computed from hooks, one backward per
+  batch, without materialising per-fact gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lemoe.evaluation.scorers import logits_only_at
+from lemoe.methods.oedit.config import KnowledgeSource, Side
+from lemoe.methods.oedit.knowns import KNOWNS
+from lemoe.methods.training import LMBatch, build_lm_batch
+from lemoe.models.access import ModelAccess, projection_layout
+
+
+def target_positions(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions whose logits predict target tokens ``[n, k]``, the tokens ``[n, k]`` and a mask."""
+    tmask = batch.target_mask[:, 1:]  # token t+1 is a target -> logits at t predict it
+    counts = tmask.sum(-1)
+    k = max(int(counts.max()), 1)
+    n = tmask.shape[0]
+    pos = torch.zeros(n, k, dtype=torch.long, device=tmask.device)
+    valid = torch.zeros(n, k, dtype=torch.bool, device=tmask.device)
+    for r in range(n):
+        idx = tmask[r].nonzero().flatten()
+        pos[r, : len(idx)] = idx
+        valid[r, : len(idx)] = True
+    tokens = batch.input_ids.gather(1, pos + 1)
+    return pos, tokens, valid
+
+
+def target_nll(
+    model: torch.nn.Module, batch: LMBatch, pos: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean NLL of the target tokens and per-sequence teacher-forced accuracy.
+
+    The LM head runs only at the target positions: on a small model the 49k-word vocabulary
+    projection dominates the cost of a training step otherwise."""
+    with logits_only_at(model, pos):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    v = valid.float()
+    loss = (nll * v).sum(-1) / v.sum(-1).clamp(min=1)
+    with torch.no_grad():
+        acc = ((logits.argmax(-1) == tokens).float() * v).sum(-1) / v.sum(-1).clamp(min=1)
+    return loss, acc
+
+
+def knowns_sample(n: int) -> tuple[list[str], list[str]]:
+    """The first ``n`` packaged knowns as (prompts, answers)."""
+    chosen = KNOWNS[:n]
+    return [p for _, p, _ in chosen], [a for _, _, a in chosen]
+
+
+def knowledge_covariance(
+    access: ModelAccess,
+    tokenizer: object,
+    layers: Sequence[int],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    source: KnowledgeSource,
+    side: Side,
+    batch_size: int = 16,
+) -> dict[int, torch.Tensor]:
+    """Per layer, the ``[D, D]`` second moment of keys/values or per-fact gradients (module doc)."""
+    model = access.model
+    device = access.device
+    covs: dict[int, torch.Tensor] = {}
+    for start in range(0, len(prompts), batch_size):
+        batch = build_lm_batch(tokenizer, prompts[start : start + batch_size], answers[start : start + batch_size])
+        batch = batch.to(device)
+        captured: dict[int, dict[str, Any]] = {layer: {} for layer in layers}
+        handles = [_capture(access, layer, captured[layer], want_grad=source == "gradients") for layer in layers]
+        try:
+            if source == "gradients":
+                for layer in layers:
+                    access.mlp(layer).out_proj.weight.requires_grad_(True)
+                pos, tokens, valid = target_positions(batch)
+                with torch.enable_grad():
+                    loss, _ = target_nll(model, batch, pos, tokens, valid)
+                    loss.sum().backward()  # per-fact losses are independent rows: row grads are per fact
+            else:
+                with torch.no_grad(), logits_only_at(model, None):
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+            if source == "gradients":
+                for layer in layers:
+                    w = access.mlp(layer).out_proj.weight
+                    w.requires_grad_(False)
+                    w.grad = None
+        real = batch.attention_mask.bool()
+        for layer in layers:
+            x = captured[layer]["in"].float()  # [n, T, in]
+            y = captured[layer]["out"].float()  # [n, T, out]
+            if source == "keys":
+                v = (x if side == "in" else y)[real]  # [tokens, D]
+                c = v.T @ v
+            else:
+                g = captured[layer]["grad"].float()  # [n, T, out]
+                x, g = x * real[..., None], g * real[..., None]
+                if side == "in":  # sum_i X_i^T (G_i G_i^T) X_i
+                    m = torch.einsum("ntd,nsd->nts", g, g)
+                    c = torch.einsum("nti,nts,nsj->ij", x, m, x)
+                else:  # sum_i D_i^T (X_i X_i^T) D_i
+                    m = torch.einsum("nti,nsi->nts", x, x)
+                    c = torch.einsum("nto,nts,nsp->op", g, m, g)
+            covs[layer] = covs[layer] + c if layer in covs else c
+    return covs
+
+
+def _capture(access: ModelAccess, layer: int, store: dict[str, Any], *, want_grad: bool) -> Any:
+    """Forward hook on W_out storing its input, output and (optionally) the output's gradient."""
+    module = access.mlp(layer).out_proj
+    projection_layout(module)  # raises on unsupported projections
+
+    def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        store["in"] = args[0].detach()
+        store["out"] = output.detach()
+        if want_grad and output.requires_grad:
+            output.register_hook(lambda grad: store.__setitem__("grad", grad.detach()))
+
+    return module.register_forward_hook(hook)
