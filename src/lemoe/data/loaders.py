@@ -147,6 +147,7 @@ def load_requests(
     records = _read_records(path)
     convert = LOADERS[kind]
     requests: list[EditRequest] = []
+    invalid: list[str] = []
     for i, rec in enumerate(records):
         try:
             req = zsre_record(rec, zsre_target) if kind == "zsre" else convert(rec)
@@ -159,11 +160,13 @@ def load_requests(
         except InvalidRequestError as e:
             if on_invalid == "error" or kind in ("jsonl", "json"):
                 raise
-            if skipped is not None:
-                skipped.append(str(e))
-            warnings.warn(f"skipping invalid record: {e}", stacklevel=2)
+            invalid.append(str(e))
             continue
         requests.append(req)
+    if invalid:
+        warnings.warn(f"skipped {len(invalid)} invalid record(s) of {path}; first: {invalid[0]}", stacklevel=2)
+        if skipped is not None:
+            skipped.extend(invalid)
     return select(requests, limit=limit, seed=seed)
 
 
