@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from lemoe.methods import METHODS, load_method
+from lemoe.methods import METHODS, get_method, load_method
 from lemoe.methods.base import EditMethod, MethodConfig, RollbackNotSupported
 from lemoe.requests import EditRequest, InvalidRequestError
 from lemoe.store import (
@@ -244,6 +244,8 @@ def test_verify_detects_truncated_checkpoint_and_edited_journal(ft_store: Path, 
     conn.commit()
     report = verify_store(ft_store)
     assert not report.ok and any("edit 3: content hash mismatch" in p for p in report.problems)
+    with pytest.raises(StoreCorruptError, match="edit 3: content hash mismatch"):
+        EditStore.open(ft_store, loaded=tiny_loaded(tokenizer))  # opening verifies the journal too
     # Forging the content hash too breaks the hash chain and the newest checkpoint's edit digest.
     new = conn.execute("SELECT request FROM edits WHERE seq = 3").fetchone()[0]
     conn.execute("UPDATE edits SET content_hash = ? WHERE seq = 3", (hashlib.sha256(new.encode()).hexdigest(),))
@@ -310,3 +312,37 @@ def test_cli_init_edit_log_rollback_verify_export(tmp_path: Path, tokenizer: obj
     assert (tmp_path / "out" / "state.safetensors").is_file()
     assert main(["store", "init", store, "--model", str(model_dir)]) == 2  # not empty: clear error
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_model_store_with_the_default_method(smollm2, tmp_path: Path) -> None:
+    """SmolLM2 + the default method (LEMoE once registered, else FT-M): edit, reopen, roll back."""
+    import copy
+
+    from lemoe.evaluation.scorers import greedy_generate
+    from lemoe.store import default_method
+
+    base, tok = smollm2
+
+    def generate(method: EditMethod, prompt: str) -> str:
+        ids = tok(prompt)["input_ids"]
+        out = greedy_generate(method.model, tok, [ids], [6], context=method.forward_context)
+        return tok.decode(out[0], skip_special_tokens=True)
+
+    reqs = [
+        EditRequest(prompt="Danielle Darrieux's mother tongue is", target_new="Dutch", subject="Danielle Darrieux"),
+        EditRequest(prompt="The capital city of Norway is", target_new="Bergen", subject="Norway"),
+    ]
+    root = tmp_path / "store"
+    with EditStore.init(root, method=default_method(), loaded=(copy.deepcopy(base), tok)) as store:
+        before = generate(store.method, reqs[0].prompt)
+        store.submit(reqs)
+        store.apply_pending()
+        edited = [generate(store.method, r.prompt) for r in reqs]
+        assert edited[0] != before
+    replay = not get_method(default_method()).supports_rollback
+    with EditStore.open(root, loaded=(copy.deepcopy(base), tok)) as store:
+        assert [generate(store.method, r.prompt) for r in reqs] == edited
+        store.rollback_after(0, replay=replay)
+        assert generate(store.method, reqs[0].prompt) == before
+    assert verify_store(root).ok

@@ -8,8 +8,10 @@ forward-time method state (e.g. LEMoE's routing mask) is never shared by two req
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,15 +47,63 @@ class ServingReplicas:
         with self._swap:
             self._active = self._replicas.index(standby)
 
-    def generate(self, prompt: str, max_new_tokens: int) -> tuple[str, int]:
-        """Greedy continuation of ``prompt`` with the newest published state; returns (text, version)."""
+    def generate(self, prompts: list[str], max_new_tokens: list[int]) -> tuple[list[str], int]:
+        """Greedy continuations (one padded batch) with the newest published state; (texts, version)."""
         with self._swap:
             replica = self._replicas[self._active]
         with replica.lock, torch.no_grad():
             method = replica.method
-            ids = method.tokenizer(prompt, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+            ids = [method.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]  # type: ignore[operator]
             new = greedy_generate(
-                method.model, method.tokenizer, [ids], [max_new_tokens], context=method.forward_context
+                method.model, method.tokenizer, ids, max_new_tokens, batch_size=len(ids), context=method.forward_context
             )
-            text = method.tokenizer.decode(new[0], skip_special_tokens=True)  # type: ignore[attr-defined]
-            return text, replica.version
+            texts = [method.tokenizer.decode(n, skip_special_tokens=True) for n in new]  # type: ignore[attr-defined]
+            return texts, replica.version
+
+
+class GenerationBatcher:
+    """One thread that serves every queued generate request in a single padded batch.
+
+    Concurrent clients then share forwards instead of queueing behind each other: on a CPU, four
+    8-token generations batched take about 1.5x the time of one, not 4x.
+    """
+
+    def __init__(self, replicas: ServingReplicas, max_batch: int = 16) -> None:
+        self.replicas = replicas
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[str, int, Future[tuple[str, int]]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="lemoe-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: str, max_new_tokens: int) -> Future[tuple[str, int]]:
+        future: Future[tuple[str, int]] = Future()
+        self._queue.put((prompt, max_new_tokens, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            try:
+                texts, version = self.replicas.generate([b[0] for b in batch], [b[1] for b in batch])
+            except Exception as e:  # answer every waiting client, never leave one hanging
+                for _, _, future in batch:
+                    future.set_exception(e)
+                continue
+            for (_, _, future), text in zip(batch, texts, strict=True):
+                future.set_result((text, version))

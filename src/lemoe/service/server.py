@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from lemoe.methods.base import EditMethod, RollbackNotSupported
 from lemoe.requests import InvalidRequestError
-from lemoe.service.replicas import ServingReplicas
+from lemoe.service.replicas import GenerationBatcher, ServingReplicas
 from lemoe.store import DuplicateEditError, EditStore, StoreBusyError, StoreError, parse_submission
 from lemoe.store.journal import EDIT_STATUSES
 
@@ -59,7 +59,9 @@ class ServiceConfig:
     max_requests_per_submit: int = 64
     max_queued_edits: int = 10_000
     max_new_tokens: int = 64
+    max_generate_batch: int = 16  # concurrent generate requests served in one padded batch
     rollback_timeout_s: float = 600.0
+    generate_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or len(self.token) < 8:
@@ -81,6 +83,7 @@ class EditService:
         self.store = store
         self.config = config
         self.replicas = ServingReplicas(make_replica)
+        self.generator = GenerationBatcher(self.replicas, config.max_generate_batch)
         self._jobs: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -112,6 +115,7 @@ class EditService:
         self.wake()
         if self._writer.is_alive():
             self._writer.join()
+        self.generator.close()
 
     def wake(self) -> None:
         with self._wake:
@@ -205,7 +209,7 @@ class EditService:
         if not _is_int(n) or not 1 <= n <= self.config.max_new_tokens:
             top = self.config.max_new_tokens
             raise ApiError(422, "invalid_generate", f"max_new_tokens must be an integer in 1..{top}")
-        text, version = self.replicas.generate(prompt, n)
+        text, version = self.generator.submit(prompt, n).result(timeout=self.config.generate_timeout_s)
         return {"text": text, "state_version": version}
 
     def list_edits(self, query: dict[str, list[str]]) -> dict[str, Any]:

@@ -180,6 +180,12 @@ class EditStore:
         if spec.method not in METHODS:
             raise StoreMismatchError(f"{root}: store uses method {spec.method!r}, which this lemoe does not have")
         _check_journal_identity(root, spec, spec_sha)
+        from lemoe.store.verify import verify_store  # verify imports this module
+
+        report = verify_store(root, checkpoints=False)
+        if not report.ok:
+            problems = "; ".join(report.problems[:5]) + (" ..." if len(report.problems) > 5 else "")
+            raise StoreCorruptError(f"{root}: journal check failed ({problems}); see `lemoe store verify {root}`")
         base, tokenizer = loaded if loaded is not None else _load_base(spec.model, device)
         fingerprint = model_fingerprint(base)
         if fingerprint != spec.model_fingerprint:

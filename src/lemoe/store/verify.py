@@ -38,8 +38,12 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_store(root: str | Path) -> VerifyReport:
-    """Check the store at ``root``; never raises for a damaged store, reports instead."""
+def verify_store(root: str | Path, *, checkpoints: bool = True) -> VerifyReport:
+    """Check the store at ``root``; never raises for a damaged store, reports instead.
+
+    ``checkpoints=False`` checks only the identity and the journal (what ``EditStore.open`` runs; the
+    checkpoint it loads is verified when loaded).
+    """
     root = Path(root)
     report = VerifyReport()
     try:
@@ -48,7 +52,7 @@ def verify_store(root: str | Path) -> VerifyReport:
         report.problems.append(str(e))
         return report
     try:
-        _check(root, spec, conn, report)
+        _check(root, spec, conn, report, checkpoints)
     except sqlite3.DatabaseError as e:
         report.problems.append(f"journal is not readable ({e})")
     finally:
@@ -56,7 +60,7 @@ def verify_store(root: str | Path) -> VerifyReport:
     return report
 
 
-def _check(root: Path, spec: Any, conn: sqlite3.Connection, report: VerifyReport) -> None:
+def _check(root: Path, spec: Any, conn: sqlite3.Connection, report: VerifyReport, with_checkpoints: bool) -> None:
     integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
     if integrity != "ok":
         report.problems.append(f"journal: SQLite integrity check failed: {integrity}")
@@ -105,7 +109,13 @@ def _check(root: Path, spec: Any, conn: sqlite3.Connection, report: VerifyReport
         if b.batch_id not in in_batch:
             report.problems.append(f"batch {b.batch_id}: holds no edit")
     report.summary["edits_by_status"] = {k: v for k, v in journal.count_edits(conn).items() if v}
+    if with_checkpoints:
+        _check_checkpoints(root, spec, conn, report, batches)
 
+
+def _check_checkpoints(
+    root: Path, spec: Any, conn: sqlite3.Connection, report: VerifyReport, batches: dict[int, Any]
+) -> None:
     checkpoints = journal.list_checkpoints(conn)
     report.summary["checkpoints"] = [c.ckpt_id for c in checkpoints]
     ckpt_root = root / CHECKPOINT_DIR
