@@ -14,7 +14,7 @@ from lemoe.models.access import weight_as_out_in
 from lemoe.requests import EditRequest, InvalidRequestError
 from lemoe.testing import tiny_model
 
-FAST = {"knowledge_rank": 8, "knowledge_samples": 24, "steps": 8}
+FAST = {"knowledge_rank": 8, "knowledge_samples": 24, "steps": 8, "cache_knowledge": False}
 
 
 def _requests(n: int, start: int = 0) -> list[EditRequest]:
@@ -214,6 +214,20 @@ def test_capacity_warn_policy_keeps_editing_against_frozen_basis(tokenizer) -> N
     update = _weights(method)[0] - w0
     assert torch.equal(basis, method.basis(0))  # frozen
     assert float(subspace.component_in(update, basis, "in").norm()) <= 1e-4 * max(float(update.norm()), 1e-12)
+
+
+def test_knowledge_cache_round_trip(tokenizer, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LEMOE_CACHE", str(tmp_path))
+    opts = {**FAST, "cache_knowledge": True}
+    first = build_method("oedit", tiny_model("llama"), tokenizer, opts)
+    first.ensure_knowledge()
+    assert len(list((tmp_path / "oedit").glob("*.pt"))) == 1
+    second = build_method("oedit", tiny_model("llama"), tokenizer, opts)
+    second.ensure_knowledge()
+    assert torch.allclose(first.knowledge[0].abs(), second.knowledge[0].abs(), atol=1e-5)
+    other = build_method("oedit", tiny_model("llama", seed=1), tokenizer, opts)  # another model: own entry
+    other.ensure_knowledge()
+    assert len(list((tmp_path / "oedit").glob("*.pt"))) == 2
 
 
 def test_new_directions_follow_the_energy_threshold() -> None:

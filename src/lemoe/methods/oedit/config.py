@@ -36,6 +36,7 @@ class OEditConfig(MethodConfig):
     knowledge_rank: int = 128  # q: rank of B_k (capped by knowledge_energy when that is set)
     knowledge_energy: float | None = None  # optional: smallest rank holding this covariance energy, <= q
     knowledge_samples: int = 200  # how many packaged knowns build B_k (at most 200)
+    cache_knowledge: bool = True  # cache the knowns statistics under lemoe.models.cache_dir()/oedit
     # capacity
     max_rank_fraction: float = 0.95  # rank(B_k) + rank(B_e) may use at most this fraction of the space
     capacity_policy: CapacityPolicy = "warn"  # what happens once the bases are full (see method docstring)

@@ -15,16 +15,23 @@ top eigenvectors are the rank-q SVD of the underlying data:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lemoe.evaluation.scorers import logits_only_at
+from lemoe.methods.base import model_fingerprint
 from lemoe.methods.oedit.config import KnowledgeSource, Side
 from lemoe.methods.oedit.knowns import KNOWNS
 from lemoe.methods.training import LMBatch, build_lm_batch
 from lemoe.models.access import ModelAccess, projection_layout
+from lemoe.models.loading import cache_dir
 
 
 def target_positions(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,3 +145,47 @@ def _capture(access: ModelAccess, layer: int, store: dict[str, Any], *, want_gra
             output.register_hook(lambda grad: store.__setitem__("grad", grad.detach()))
 
     return module.register_forward_hook(hook)
+
+
+def knowledge_cache_path(model: torch.nn.Module, layer: int, source: str, side: str, samples: int) -> Path:
+    """Where one layer's knowledge covariance is cached: keyed by the base model's fingerprint, the
+    statistic, and the exact knowns used, so a stale file is never picked up."""
+    ident = json.dumps(
+        {"model": model_fingerprint(model), "knowns": KNOWNS[:samples], "source": source, "side": side},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
+    return cache_dir() / "oedit" / f"{digest}-layer{layer}.pt"
+
+
+def cached_knowledge_covariance(
+    access: ModelAccess,
+    tokenizer: object,
+    layers: Sequence[int],
+    samples: int,
+    *,
+    source: KnowledgeSource,
+    side: Side,
+    use_cache: bool = True,
+) -> dict[int, torch.Tensor]:
+    """:func:`knowledge_covariance` on the first ``samples`` packaged knowns, with a disk cache."""
+    paths = {layer: knowledge_cache_path(access.model, layer, source, side, samples) for layer in layers}
+    covs: dict[int, torch.Tensor] = {}
+    if use_cache:
+        for layer, path in paths.items():
+            # missing or unreadable: recomputed below
+            with contextlib.suppress(OSError, RuntimeError, EOFError, ValueError):
+                covs[layer] = torch.load(path, weights_only=True)
+    missing = [layer for layer in layers if layer not in covs]
+    if missing:
+        prompts, answers = knowns_sample(samples)
+        fresh = knowledge_covariance(access, tokenizer, missing, prompts, answers, source=source, side=side)
+        for layer, cov in fresh.items():
+            covs[layer] = cov.cpu()
+            if use_cache:
+                path = paths[layer]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                torch.save(covs[layer], tmp)
+                os.replace(tmp, path)
+    return covs

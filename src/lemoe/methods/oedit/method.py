@@ -54,7 +54,7 @@ from lemoe.evaluation.scorers import logits_only_at
 from lemoe.methods.base import EditMethod, StateError
 from lemoe.methods.oedit import subspace
 from lemoe.methods.oedit.config import OEditConfig, OEditPlusConfig
-from lemoe.methods.oedit.knowledge import knowledge_covariance, knowns_sample, target_nll, target_positions
+from lemoe.methods.oedit.knowledge import cached_knowledge_covariance, target_nll, target_positions
 from lemoe.methods.training import build_lm_batch
 from lemoe.models.access import weight_as_out_in
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
@@ -107,9 +107,14 @@ class OEdit(EditMethod):
             return
         if self.batches_applied:
             raise StateError(f"{self.name}: B_k must come from the unedited model, but edits were applied")
-        prompts, answers = knowns_sample(cfg.knowledge_samples)
-        covs = knowledge_covariance(
-            self.access, self.tokenizer, self.layers, prompts, answers, source=cfg.knowledge_source, side=cfg.side
+        covs = cached_knowledge_covariance(
+            self.access,
+            self.tokenizer,
+            self.layers,
+            cfg.knowledge_samples,
+            source=cfg.knowledge_source,
+            side=cfg.side,
+            use_cache=cfg.cache_knowledge,
         )
         self.knowledge = [
             subspace.top_eigenspace(covs[layer].cpu(), min(cfg.knowledge_rank, limit), cfg.knowledge_energy)
