@@ -9,6 +9,7 @@ MEMIT-MASS. The original weights of the edited layers are kept, so ``reset()`` i
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -38,12 +39,14 @@ class MEMIT(LocateEditMethod):
 
     def covariance(self, layer: int) -> torch.Tensor:
         """The matrix protecting earlier behaviour at ``layer``: ``λ C0``."""
-        return self.cfg.mom2_weight * self.mom2()[layer]
+        return self.mom2_weight(layer) * self.mom2()[layer]
 
     def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
         self.prepare()
         last = self.layers[-1]
+        t0 = time.perf_counter()
         zs, info = compute_z(self.model, self.access, self.tokenizer, requests, last, self.cfg, self.z_templates())
+        info["z_seconds"] = time.perf_counter() - t0
         norms = []
         for i, (layer, module) in enumerate(zip(self.layers, self.out_projs, strict=True)):
             ks = compute_ks(self.access, self.tokenizer, layer, requests, self.key_templates())
@@ -53,7 +56,8 @@ class MEMIT(LocateEditMethod):
             add_to_weight(module, delta)
             self.after_layer(layer, ks)
             norms.append(float(delta.norm()))
-        return {**self.take_info(), **info, "delta_norms": norms}
+        write_seconds = time.perf_counter() - t0 - info["z_seconds"]
+        return {**self.take_info(), **info, "delta_norms": norms, "write_seconds": write_seconds}
 
     def layer_delta(self, layer: int, resid: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return memit_delta(resid, keys, self.covariance(layer))

@@ -14,6 +14,7 @@ accumulated key covariance ``C_accu`` (starts at ``λ C0``) and the threshold ``
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -97,7 +98,7 @@ class CoachHooK(LocateEditMethod):
         if self.c_accu is None:
             with self.hooks_off():  # C0 describes the unedited model
                 mom2 = self.mom2()
-            self.c_accu = {layer: self.cfg.mom2_weight * mom2[layer].clone() for layer in self.layers}
+            self.c_accu = {layer: self.mom2_weight(layer) * mom2[layer].clone() for layer in self.layers}
         return self.c_accu
 
     def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
@@ -106,7 +107,9 @@ class CoachHooK(LocateEditMethod):
         c_accu = self._ensure_c_accu()
         last = self.layers[-1]
         self._set_mode("validated")
+        t0 = time.perf_counter()
         zs, info = compute_z(self.model, self.access, self.tokenizer, requests, last, self.cfg, self.z_templates())
+        info["z_seconds"] = time.perf_counter() - t0
         self._set_mode("temporary")
         norms = []
         try:
@@ -124,7 +127,8 @@ class CoachHooK(LocateEditMethod):
             self._set_mode("validated")
         if self.cfg.dynamic_alpha:
             self.update_alpha(requests)
-        return {**self.take_info(), **info, "delta_norms": norms, "alpha": self.alphas}
+        write_seconds = time.perf_counter() - t0 - info["z_seconds"]
+        return {**self.take_info(), **info, "delta_norms": norms, "write_seconds": write_seconds, "alpha": self.alphas}
 
     @torch.no_grad()
     def prompt_max_z(self, requests: Sequence[EditRequest], upto: int | None = None) -> list[torch.Tensor]:

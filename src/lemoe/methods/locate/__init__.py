@@ -9,7 +9,7 @@ Typical use (sequential MEMIT in a few lines)::
     for i, layer in enumerate(layers):
         ks = compute_ks(access, tok, layer, requests, templates)
         resid = spread_residual(zs, block_outputs(access, tok, layers[-1], requests), len(layers) - i)
-        add_to_weight(access.mlp(layer).out_proj, memit_delta(resid, ks, cfg.mom2_weight * mom2[layer]))
+        add_to_weight(access.mlp(layer).out_proj, memit_delta(resid, ks, lam * mom2[layer]))  # lam: λ
 
 :class:`LocateEditMethod` wraps the lazy statistics and templates for methods built on this core.
 """

@@ -25,7 +25,10 @@ class LocateConfig(MethodConfig):
     z_contexts: int = 0  # prefixed copies also used when optimising z (costly on CPU)
     context_length: int = 10
     # Covariance statistics C0 = E[k k^T] of each edited layer's keys.
-    mom2_weight: float = 15000.0  # lambda in (lambda C0 + K K^T)
+    # lambda in (lambda C0 + K K^T). None: 15000 (MEMIT/AlphaEdit on GPT-J/Llama3, 16k-wide keys)
+    # scaled by this model's key width / 16384, since a key's Mahalanobis norm grows with the width
+    # (1406 for SmolLM2's 1536-wide keys).
+    mom2_weight: float | None = None
     stats_corpus: str = "model"  # "model" | path to a text file (one passage a line) | KIND:PATH data spec
     stats_samples: int = 96  # passages (MEMIT uses 100k Wikipedia passages; this is a CPU-friendly default)
     stats_max_tokens: int = 64  # tokens per passage (generated length for the "model" corpus)
@@ -34,8 +37,7 @@ class LocateConfig(MethodConfig):
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option (called by every method's constructor)."""
-        positive = ("v_lr", "clamp_norm_factor", "mom2_weight")
-        for name in positive:
+        for name in ("v_lr", "clamp_norm_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in (
@@ -56,6 +58,8 @@ class LocateConfig(MethodConfig):
         for name in ("v_weight_decay", "kl_factor", "v_stop_nll"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.mom2_weight is not None and not self.mom2_weight > 0:
+            raise ValueError(f"mom2_weight must be positive, got {self.mom2_weight!r}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"layers must be a non-empty list of layer indices, got {self.layers!r}")

@@ -53,11 +53,17 @@ class LocateEditMethod(EditMethod):
             self._pending_info.update(report)
         return self._mom2
 
+    def mom2_weight(self, layer: int) -> float:
+        """λ for ``layer``: the configured value, or 15000 scaled by the key width / 16384."""
+        if self.cfg.mom2_weight is not None:
+            return float(self.cfg.mom2_weight)
+        return 15000.0 * self.access.mlp(layer).intermediate_size / 16384
+
     def templates(self) -> list[str]:
         if self._templates is None:
             c = self.cfg
             self._templates = context_templates(
-                self.model, self.tokenizer, max(c.key_contexts, c.z_contexts), c.context_length
+                self.model, self.tokenizer, max(c.key_contexts, c.z_contexts), c.context_length, c.seed
             )
         return self._templates
 

@@ -79,26 +79,30 @@ def pad_id(tokenizer: object) -> int:
 
 
 @torch.no_grad()
-def context_templates(model: torch.nn.Module, tokenizer: object, n: int, length: int) -> list[str]:
-    """``["{}"]`` plus ``n`` prefixes generated greedily by the model from fixed starts.
+def context_templates(model: torch.nn.Module, tokenizer: object, n: int, length: int, seed: int = 0) -> list[str]:
+    """``["{}"]`` plus ``n`` prefixes sampled from the model (top-k 5, as in ROME/MEMIT).
 
-    Greedy decoding from fixed starts keeps the templates deterministic without touching the
-    global random state (MEMIT samples them; any short natural prefix serves the purpose).
+    Sampling runs under a forked RNG with a fixed seed: deterministic, and the global random
+    state is left untouched. (Greedy decoding from one word degenerates on small models.)
     """
     templates = ["{}"]
+    if n == 0:
+        return templates
     device = next(model.parameters()).device
-    for i in range(n):
-        start = CONTEXT_STARTS[i % len(CONTEXT_STARTS)]
-        ids = torch.tensor([tokenizer(start, add_special_tokens=True)["input_ids"]], device=device)  # type: ignore[operator]
-        extra = i // len(CONTEXT_STARTS)  # more templates than starts: vary the length
-        out = model.generate(  # type: ignore[attr-defined]
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=length + extra,
-            do_sample=False,
-            pad_token_id=pad_id(tokenizer),
-        )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
-        text = " ".join(f"{start} {text}".replace("{", " ").replace("}", " ").split())
-        templates.append(text + ". {}")
+    starts = [CONTEXT_STARTS[i % len(CONTEXT_STARTS)] for i in range(n)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in starts:
+            ids = torch.tensor([tokenizer(start, add_special_tokens=True)["input_ids"]], device=device)  # type: ignore[operator]
+            out = model.generate(  # type: ignore[attr-defined]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length,
+                do_sample=True,
+                top_k=5,
+                pad_token_id=pad_id(tokenizer),
+            )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
+            text = " ".join(f"{start}{text}".replace("{", " ").replace("}", " ").split())
+            templates.append(text + ". {}")
     return templates
