@@ -39,6 +39,7 @@ class _FineTune(EditMethod):
         super().__init__(model, tokenizer, config)
         cfg: FTConfig = self.config  # type: ignore[assignment]
         self.layer = cfg.layer if cfg.layer is not None else self.access.default_edit_layer()
+        self.config = cfg.replace(layer=self.layer)  # results and saved states name the real layer
         parts = self.access.mlp(self.layer)
         self.module = parts.out_proj if cfg.module == "out" else parts.input_module
         self.original = self.module.weight.detach().clone()
