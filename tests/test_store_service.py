@@ -249,3 +249,33 @@ def test_fuzz_http_never_5xx_never_changes_the_store_on_error(
     if status >= 300:
         assert answer["error"]["message"]
         assert journal_state(svc.store.root) == before
+
+
+def test_lemoe_serve_starts_with_a_private_token_and_stops_on_sigterm(tmp_path: Path, tokenizer: object) -> None:
+    import os
+    import signal
+    import stat
+    import subprocess
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    root = tmp_path / "store"
+    EditStore.init(root, model=str(model_dir), method="ft-m", options={"steps": 1}).close()
+    env = {k: v for k, v in os.environ.items() if k != "LEMOE_SERVE_TOKEN"} | {"TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "lemoe.cli", "serve", str(root), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert "serving" in line, line
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        token_file = root / "serve.token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        client = Client(port)
+        assert client.call("GET", "/v1/store")[0] == 401
+        status, info = client.call("GET", "/v1/store", token=token_file.read_text().strip())
+        assert status == 200 and info["method"] == "ft-m"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]
