@@ -33,9 +33,11 @@ class LEMoEConfig(MethodConfig):
     null_margin: float = 0.0  # ... plus this margin (cosine units)
     calibration_texts: list[str] | None = None  # unrelated text for calibration (None: built-in)
     # -- training --------------------------------------------------------------------------------
-    lr: float = 5e-3
+    lr: float = 2e-2
     steps: int = 60  # at most, per batch
     extra_steps: int = 3  # more steps after the batch is learned (margin for generality)
+    train_stop: bool = True  # also train the end-of-sequence token after the target, so greedy
+    #   decoding stops after the answer (exact match); the scored target tokens are unchanged
     stop_accuracy: float = 1.0  # a batch is learned when every target token is predicted
     weight_decay: float = 0.0
     # -- order planning --------------------------------------------------------------------------

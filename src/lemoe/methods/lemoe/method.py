@@ -401,7 +401,9 @@ class LEMoE(EditMethod):
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         self._ensure_calibrated()
         q = self.routing_embeddings([r.prompt for r in requests])
-        batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
+        eos = getattr(self.tokenizer, "eos_token", None) if cfg.train_stop else None
+        targets = [r.target_new + (eos or "") for r in requests]
+        batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], targets)
         batch = batch.to(self.access.device)
         gen = torch.Generator().manual_seed(cfg.seed + self.batches_applied)
         expert = Expert(self.d_in, self.d_out, cfg.expert_width, self.init_std, gen)
