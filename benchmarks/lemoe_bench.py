@@ -74,10 +74,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     requests, skipped = load_valid(args.data, args.path or DATA[args.data])
     model, tokenizer = load_model("smollm2-135m")
     method = build_method(args.method, model, tokenizer, dict(args.opt))
-    protocol = Protocol(edits=args.edits, edits_per_step=args.edits_per_step, evaluate="final")
+    protocol = Protocol(edits=args.edits, edits_per_step=args.edits_per_step, evaluate="final", chunk=args.chunk)
     t0 = time.perf_counter()
+    def log_step(entry: dict[str, Any]) -> None:
+        if entry["step"] % 10 == 0:
+            print(f"step {entry['step']} {entry['seconds']:.2f}s {entry['info']} t={time.perf_counter() - t0:.0f}s",
+                  flush=True)
+
     record = run_protocol(method, requests, protocol, Evaluator(model, tokenizer), evaluate_pre=not args.no_pre,
-                          progress=False)
+                          progress=False, on_step=log_step)
     summary = {
         "command": "python benchmarks/lemoe_bench.py " + " ".join(args.argv),
         "data": {"kind": args.data, "path": args.path or DATA[args.data], "skipped_invalid_records": skipped},
@@ -91,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "steps_per_batch_mean": sum(s["info"].get("steps", 0) for s in record["steps"]) / max(len(record["steps"]), 1),
         "environment": record["environment"],
     }
-    if args.method == "lemoe":
+    if args.method == "lemoe" and not args.chunk:
         summary["routing"] = routing_report(method, protocol.order_requests(requests))
     print(format_table(record))
     print(json.dumps({k: summary[k] for k in ("routing", "cost") if k in summary}, indent=1))
@@ -112,18 +117,24 @@ def cmd_latency(args: argparse.Namespace) -> None:
     requests, _ = load_valid("zsre", DATA["zsre"])
     prompts = [tokenizer(r.prompt)["input_ids"] for r in requests[: args.batch]]
 
-    def timed(context: Any) -> float:
-        runs = []
+    def once(context: Any) -> float:
+        t = time.perf_counter()
+        greedy_generate(model, tokenizer, prompts, [args.new_tokens] * len(prompts), batch_size=args.batch,
+                        context=context)
+        return time.perf_counter() - t
+
+    def paired(context: Any) -> tuple[float, float]:
+        """Base and edited timed alternately (the shared CPU's load drifts), medians of repeats."""
+        base, edited = [], []
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            greedy_generate(model, tokenizer, prompts, [args.new_tokens] * len(prompts), batch_size=args.batch,
-                            context=context)
-            runs.append(time.perf_counter() - t)
-        return sorted(runs)[len(runs) // 2]
+            with method.disabled():
+                base.append(once(no_context))
+            edited.append(once(context))
+        return sorted(base)[len(base) // 2], sorted(edited)[len(edited) // 2]
 
     from lemoe.evaluation.scorers import no_context
 
-    timed(no_context)  # warm-up
+    once(no_context)  # warm-up
     rows = []
     for n in args.experts:
         method = build_method("lemoe", model, tokenizer, {})
@@ -142,8 +153,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
             method.key_expert = torch.arange(len(q)) % n
             method.expert_batches = list(range(n))
             method.expert_requests = [[] for _ in range(n)]
-        base = timed(no_context)
-        edited = timed(method.forward_context)
+        base, edited = paired(method.forward_context)
         method.remove_hooks()
         rows.append({"experts": n, "base_s": base, "edited_s": edited, "ratio": edited / base})
         print(rows[-1])
@@ -171,6 +181,7 @@ def main() -> None:
     r.add_argument("--path", default=None)
     r.add_argument("--edits", type=int, default=100)
     r.add_argument("--edits-per-step", type=int, default=1)
+    r.add_argument("--chunk", type=int, default=None, help="independent runs of this many edits (WISE T < total)")
     r.add_argument("--opt", action="append", type=_parse_option, default=[])
     r.add_argument("--no-pre", action="store_true")
     r.add_argument("--threads", type=int, default=2)

@@ -95,9 +95,14 @@ class LEMoE(EditMethod):
         self.route_std: torch.Tensor | None = None
         self.threshold: float | None = None
         self._clear_edits()
+        self._handles: list[Any] = []
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         self._handles = [
-            model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
-            model.register_forward_hook(self._on_model_done, always_call=True),
+            self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._on_model_done, always_call=True),
             self.access.blocks[cfg.route_layer].register_forward_pre_hook(self._on_route_input, with_kwargs=True),
             self.parts.input_module.register_forward_pre_hook(self._on_mlp_input),
             self.parts.out_proj.register_forward_hook(self._on_mlp_output),
@@ -119,6 +124,15 @@ class LEMoE(EditMethod):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The bare base model inside the block (hooks detached), LEMoE again after it."""
+        self.remove_hooks()
+        try:
+            yield
+        finally:
+            self._install_hooks()
 
     @property
     def n_experts(self) -> int:
@@ -365,7 +379,7 @@ class LEMoE(EditMethod):
 
     def route_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """The expert each prompt is routed to (``-1``: none), computed as at inference."""
-        if self.n_experts == 0:
+        if self.keys.shape[0] == 0:
             return torch.full((len(prompts),), router.NULL, dtype=torch.long)
         return self._route_queries(self.routing_embeddings(prompts)).cpu()
 
