@@ -204,3 +204,60 @@ def test_bad_options_and_states_are_rejected(tokenizer, tmp_path) -> None:
     with pytest.raises(ValueError):
         method.apply([EditRequest(prompt="ok", target_new="x"), EditRequest(prompt="", target_new="y")])
     assert all(torch.equal(a, p.weight) for a, p in zip(weights, method.projections, strict=True))
+
+
+def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
+    """The trainer entry point on a tiny model saved to a folder: run, refuse to overwrite, resume."""
+    import json
+
+    from lemoe.methods.malmen.train import main
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    records = [
+        {
+            "case_id": i,
+            "prompt": p,
+            "target_new": t,
+            "subject": p.split()[0],
+            "ground_truth": "x",
+            "rephrase_prompt": para,
+            "locality_prompt": lp,
+            "locality_ground_truth": la,
+        }
+        for i, (p, t, para, lp, la) in enumerate(FACTS * 2)
+    ]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    common = [
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--counterfact",
+        str(data),
+        "--val-size",
+        "3",
+        "--edits-per-step",
+        "3",
+        "--val-every",
+        "2",
+        "--save-every",
+        "1",
+        "--opt",
+        "n_layers=2",
+        "--opt",
+        "rank=8",
+    ]
+    assert main([*common, "--steps", "2"]) == 0
+    assert {"editor", "best", "trainer.pt", "log.jsonl"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="--resume"):
+        main([*common, "--steps", "3"])
+    assert main([*common, "--steps", "3", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert "val" in json.loads((out / "log.jsonl").read_text().splitlines()[1])
+    editor = load_method(str(out / "editor"), tiny_model("llama"), tokenizer)
+    assert isinstance(editor, MALMEN) and editor.layers == [2, 3]
