@@ -55,6 +55,18 @@ class Client:
             conn.close()
 
 
+def raw_exchange(port: int, request: bytes) -> tuple[int, Any]:
+    """Send raw bytes (what http.client will not send: no Content-Length, chunked); the server answers
+    these with ``Connection: close``, so read to EOF."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
 def journal_state(root: Path) -> list[Any]:
     conn = sqlite3.connect(root / "journal.sqlite")
     try:
@@ -151,6 +163,14 @@ def test_clear_4xx_for_bad_requests_and_limits(service: tuple[EditService, Clien
         (client.call("POST", "/v1/rollback", {"batch": -1}), 422, "invalid_rollback"),
         (client.call("GET", "/v1/edits/999999"), 404, "not_found"),
     ]
+    clash = {**good, "request_id": "fixed-id", "target_new": "Porto"}
+    assert client.call("POST", "/v1/edits", {**good, "request_id": "fixed-id"})[0] == 202
+    assert wait_until_idle(svc, 120)
+    before = journal_state(svc.store.root)
+    cases.append((client.call("POST", "/v1/edits", clash), 409, "duplicate_request_id"))
+    cases.append((raw_exchange(client.port, b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                               b"Content-Type: application/json\r\n\r\n0\r\n\r\n"), 411, "length_required"))
+    cases.append((raw_exchange(client.port, b"POST /v1/edits HTTP/1.1\r\nHost: x\r\n\r\n"), 411, "length_required"))
     for (status, body), want, code in cases:
         assert status == want, body
         assert "message" in body["error"]
