@@ -229,3 +229,18 @@ def test_memit_on_smollm2_edits_zsre_sample(smollm2: tuple, tmp_path: Path) -> N
         assert scores["locality.agreement"] >= 0.8
     finally:
         method.reset()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gptj", "gpt_neox", "opt"])
+def test_every_family_edits_and_resets_exactly(family: str, tokenizer: object, cache: Path, corpus: str) -> None:
+    """MEMIT writes and CoachHooK hooks work on every supported architecture (GPT-2's Conv1D,
+    OPT's flattened MLP tokens included), and both return exactly to the unedited model."""
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    for name in ("memit", "coachhook"):
+        model = tiny_model(family)
+        base = model(input_ids=ids).logits
+        method = build_method(name, model, tokenizer, small(corpus, v_steps=2).to_dict())
+        method.apply(REQUESTS[:2])
+        assert not torch.equal(model(input_ids=ids).logits, base), name
+        method.reset()
+        assert torch.equal(model(input_ids=ids).logits, base), name

@@ -56,16 +56,15 @@ class HookLayer:
         diff = x @ self.delta.to(x.dtype).T  # O - P
         if self.mode == "temporary":
             return output + diff
-        squeeze = diff.dim() == 2
-        d3 = diff.unsqueeze(0) if squeeze else diff
+        flat = diff.dim() == 2  # OPT runs its MLP on tokens flattened to [B*T, d]
+        d3 = diff.reshape(self.masks.rows(diff.shape[0]), -1, diff.shape[-1]) if flat else diff
         m = d3.float().norm(dim=-1)  # [B, T]
         valid = self.masks.valid(m.shape, m.device)
         z = zscores(m, valid)
         if self.record is not None:
             self.record.append(z.max(-1).values.detach().cpu())
         swap = (torch.isfinite(z) & (z >= self.alpha)).unsqueeze(-1).to(diff.dtype)  # undefined z: never
-        out3 = (output.unsqueeze(0) if squeeze else output) + d3 * swap
-        return out3.squeeze(0) if squeeze else out3
+        return output + (d3 * swap).reshape(diff.shape)
 
 
 class MaskSource:
@@ -74,10 +73,17 @@ class MaskSource:
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
+        self.batch = 1  # sequences in the current forward
 
-    def __call__(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        self.batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 1
+
+    def rows(self, n_tokens: int) -> int:
+        """Sequences in a flattened ``[B*T]`` token batch."""
+        return self.batch if n_tokens % self.batch == 0 else 1
 
     def valid(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         b, t = shape

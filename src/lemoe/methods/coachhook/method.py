@@ -65,8 +65,10 @@ class CoachHooK(LocateEditMethod):
         """Register the hooks (done on construction; a no-op when already attached)."""
         if self._handles:
             return
-        base = self.model.base_model  # type: ignore[attr-defined]
-        self._handles.append(base.register_forward_pre_hook(self.masks, with_kwargs=True))
+        # The module holding the block list (Llama's model.model, OPT's model.decoder, GPT-2's
+        # transformer) receives the attention mask on every path, however the model is called.
+        stack = self.model.get_submodule(self.access.blocks_path.rsplit(".", 1)[0])
+        self._handles.append(stack.register_forward_pre_hook(self.masks, with_kwargs=True))
         self._handles.extend(h.module.register_forward_hook(h) for h in self.hooks)
 
     def detach(self) -> None:

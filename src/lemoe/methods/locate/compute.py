@@ -66,8 +66,9 @@ def _read_at(
             pass
         finally:
             handle.remove()
-        index = torch.tensor([s.index for s in chunk], device=captured["x"].device)
-        out.append(captured["x"][torch.arange(len(chunk), device=index.device), index].float())
+        x = captured["x"].reshape(len(chunk), ids.shape[1], -1)  # OPT flattens tokens to [B*T, d]
+        index = torch.tensor([s.index for s in chunk], device=x.device)
+        out.append(x[torch.arange(len(chunk), device=index.device), index].float())
     return torch.cat(out)
 
 

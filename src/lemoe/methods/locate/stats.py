@@ -145,7 +145,9 @@ def collect_second_moments(
 
     def make_hook(layer: int) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0][state["mask"]].double().cpu()
+            mask = state["mask"]
+            x = args[0].reshape(*mask.shape, -1)  # OPT flattens tokens to [B*T, d]
+            x = x[mask].double().cpu()
             sums[layer].addmm_(x.T, x)
             if layer == top:
                 raise _Stop

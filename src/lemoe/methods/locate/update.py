@@ -28,6 +28,9 @@ def memit_delta(resid: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor) -> t
     """
     k = keys.double()
     a = cov.double() + k.T @ k
+    # A tiny ridge keeps the solve defined where no token ever activates a unit (dead ReLU units
+    # give all-zero rows in C and K); it is negligible next to any direction that carries data.
+    a.diagonal().add_(1e-9 * float(a.diagonal().mean()) + 1e-12)
     return torch.linalg.solve(a, k.T @ resid.double()).T
 
 
