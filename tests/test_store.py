@@ -233,6 +233,35 @@ def test_native_rollback_one_batch_and_everything_after(
     assert verify_store(root).ok
 
 
+def test_lemoe_store_native_rollback_survives_reopen(tmp_path: Path, tokenizer: object) -> None:
+    """The default method: rolling back a batch removes its expert; a reopened store holds the same state
+    and the edits still applied generate exactly as before."""
+    from lemoe.evaluation import Evaluator
+
+    if "lemoe" not in METHODS:
+        pytest.skip("LEMoE is not registered")
+    root, reqs = tmp_path / "store", make_requests(6)
+    with EditStore.init(root, method="lemoe", options={"steps": 5}, edits_per_step=2,
+                        loaded=tiny_loaded(tokenizer)) as store:
+        store.submit(reqs)
+        store.apply_pending()
+        store.rollback([2])
+        assert store.method.state_meta()["n_experts"] == 2
+        state = {k: v.clone() for k, v in store.method.state_dict().items()}
+        kept = reqs[:2] + reqs[4:]
+        scores = Evaluator(store.method.model, tokenizer).evaluate(kept, None, store.method.forward_context).aggregate
+    with EditStore.open(root, loaded=tiny_loaded(tokenizer)) as store:
+        again = store.method.state_dict()
+        assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+        ev = Evaluator(store.method.model, tokenizer)
+        assert ev.evaluate(kept, None, store.method.forward_context).aggregate == scores
+        store.submit(make_requests(2, prefix="After "))
+        assert [b.batch_id for b in store.apply_pending()] == [4]
+        store.rollback_after(0)
+        assert store.method.state_meta()["n_experts"] == 0
+    assert verify_store(root).ok
+
+
 def test_verify_detects_truncated_checkpoint_and_edited_journal(ft_store: Path, tokenizer: object) -> None:
     assert verify_store(ft_store).ok
     journal = ft_store / "journal.sqlite"
