@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from lemoe.store.spec import (
     StoreMismatchError,
     StoreSpec,
     read_spec,
+    sha256_text,
     write_spec,
 )
 
@@ -475,8 +476,6 @@ class EditStore:
 
 
 def _spec_sha(spec: StoreSpec) -> str:
-    from lemoe.store.spec import sha256_text
-
     return sha256_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
 
 
@@ -503,5 +502,3 @@ def open_readonly(root: str | Path) -> tuple[StoreSpec, Any]:
     _check_journal_identity(root, spec, spec_sha)
     return spec, journal.connect(root / JOURNAL_FILE)
 
-
-ProgressFn = Callable[[AppliedBatch], None]
