@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
 
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
+    # On resume the log restarts from the checkpoint's history (steps after it were not kept).
+    log = open(out / "log.jsonl", "w")  # noqa: SIM115 - open for the whole run
+    for stats in history:
+        log.write(json.dumps(stats) + "\n")
     method.net.requires_grad_(True)
     t_start = time.perf_counter()
     try:
