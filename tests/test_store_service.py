@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -299,3 +300,33 @@ def test_lemoe_serve_starts_with_a_private_token_and_stops_on_sigterm(tmp_path: 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]
+
+
+def test_a_failing_batch_is_marked_failed_and_the_service_keeps_going(service: tuple[EditService, Client]) -> None:
+    svc, client = service
+    assert wait_until_idle(svc, 120)
+    method = svc.store.method
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+
+    def broken(requests: Any) -> Any:
+        with torch.no_grad():
+            method.module.weight.add_(1.0)  # type: ignore[attr-defined]  # half-done edit, then fail
+        raise RuntimeError("simulated failure inside the method")
+
+    method._apply = broken  # type: ignore[method-assign]
+    try:
+        status, body = client.call("POST", "/v1/edits", make_requests(1, prefix="Doomed ")[0].to_dict())
+        assert status == 202
+        assert wait_until_idle(svc, 120)
+    finally:
+        del method._apply
+    seq = body["edits"][0]["seq"]
+    assert client.call("GET", f"/v1/edits/{seq}")[1]["status"] == "failed"
+    assert "simulated failure" in client.call("GET", "/v1/store")[1]["writer_error"]
+    after = method.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)  # the half-done edit is gone: rebuilt
+    # A failed request may be submitted again; it is then applied normally.
+    status, again = client.call("POST", "/v1/edits", make_requests(1, prefix="Doomed ")[0].to_dict())
+    assert status == 202 and again["edits"][0]["seq"] != seq and not again["edits"][0]["duplicate"]
+    assert wait_until_idle(svc, 120)
+    assert client.call("GET", f"/v1/edits/{again['edits'][0]['seq']}")[1]["status"] == "applied"
