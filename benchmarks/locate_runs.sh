@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Locate-then-edit comparison on SmolLM2-135M, ZsRE dev (scaled-down consecutive-batch protocol that
-# fits a shared 2-core CPU): 120 edits in batches of 30, all edits so far evaluated every 2 batches.
-# Usage: benchmarks/locate_runs.sh [OUT_DIR] [EDITS] [BATCH] [EVERY] [DATA]
+# Locate-then-edit comparison on SmolLM2-135M: CoachHooK, sequential MEMIT, AlphaEdit (consecutive
+# batches, all edits so far evaluated every EVERY batches) and MEMIT-MASS (all edits in one batch).
+# Usage: benchmarks/locate_runs.sh OUT_DIR EDITS BATCH EVERY DATA [extra lemoe-run args, e.g. --opt v_steps=10]
+# The issue's protocol is `benchmarks/locate_runs.sh OUT 600 30 5 zsre:/work/shared/data/zsre/zsre_dev.json`.
 set -euo pipefail
 OUT=${1:-/tmp/locate_results}
-EDITS=${2:-120}
+EDITS=${2:-600}
 BATCH=${3:-30}
-EVERY=${4:-2}
+EVERY=${4:-5}
 DATA=${5:-zsre:/work/shared/data/zsre/zsre_dev.json}
+shift $(( $# < 5 ? $# : 5 ))
+EXTRA=("$@")
 NAME=$(echo "$DATA" | cut -d: -f1)
 mkdir -p "$OUT"
 LEMOE="$(dirname "$0")/../.venv/bin/lemoe"
 for METHOD in coachhook memit alphaedit; do
   nice -n 5 "$LEMOE" run --model smollm2-135m --method "$METHOD" --data "$DATA" --edits "$EDITS" \
-    --edits-per-step "$BATCH" --eval "every:$EVERY" --quiet --out "$OUT/$NAME-$METHOD-$EDITS-b$BATCH.json"
+    --edits-per-step "$BATCH" --eval "every:$EVERY" --out "$OUT/$NAME-$METHOD-$EDITS-b$BATCH.json" "${EXTRA[@]}"
 done
 # MEMIT-MASS: every edit in one batch on the unedited model.
 nice -n 5 "$LEMOE" run --model smollm2-135m --method memit --data "$DATA" --edits "$EDITS" \
-  --edits-per-step "$EDITS" --eval final --quiet --out "$OUT/$NAME-memit-mass-$EDITS.json"
+  --edits-per-step "$EDITS" --eval final --out "$OUT/$NAME-memit-mass-$EDITS.json" "${EXTRA[@]}"
