@@ -31,7 +31,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"built-in name, local folder or hub id (default {DEFAULT_MODEL})"
     )
-    p.add_argument("--method", default="ft-m", help=f"editing method: {', '.join(method_names())}")
+    p.add_argument("--method", default="lemoe", help=f"editing method: {', '.join(method_names())}")
     p.add_argument(
         "--data",
         default="zsre:sample",
