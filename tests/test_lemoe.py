@@ -164,6 +164,15 @@ def test_rollback_removes_one_batch_only(edited, tokenizer) -> None:
         method2.rollback(1)
 
 
+def test_disabled_gives_the_bare_base_model(edited, tokenizer) -> None:
+    model, method = edited
+    prompts = [EDITS[0].prompt, *UNRELATED]
+    edited_logits = _logits(model, tokenizer, prompts)
+    with method.disabled():
+        assert torch.equal(_logits(model, tokenizer, prompts), _logits(tiny_model("llama"), tokenizer, prompts))
+    assert torch.equal(_logits(model, tokenizer, prompts), edited_logits)
+
+
 def test_reset_restores_base(edited, tokenizer) -> None:
     model, method = edited
     method.reset()
