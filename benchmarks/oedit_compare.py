@@ -132,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="zsre,counterfact")
     p.add_argument("--edits", default="1,10", help="T values; 1 means --single independent single edits")
     p.add_argument("--single", type=int, default=20, help="how many independent single edits for T=1")
-    p.add_argument("--opt", action="append", default=[], metavar="METHOD:KEY=VALUE", help="method option")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="method option; METHOD may carry a variant label, e.g. --methods oedit-plus#final "
+        "--opt oedit-plus#final:hard_when=final",
+    )
     p.add_argument("--label", default="", help="suffix for the method name in the summary (ablations)")
     p.add_argument("--retention-n", type=int, default=100)
     p.add_argument("--data-dir", default=str(SHARED))
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.methods.split(","):
                 opts = options.get(name, {})
                 start = time.perf_counter()
-                method = build_method(name, model, tok, dict(opts))
+                method = build_method(name.partition("#")[0], model, tok, dict(opts))
                 # one-time preparation (O-Edit's B_k, MEMIT's statistics) is setup, not per-edit cost
                 prepare = getattr(method, "ensure_knowledge", None) or getattr(method, "prepare", None)
                 if prepare is not None:
