@@ -62,7 +62,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['protocol']['edits_per_step']} | {r['seconds_per_edit']:.2f} | "
-            f"{r['stats_seconds_once']:.0f} | {r['seconds_per_batch_excluding_stats']:.0f} | "
+            f"{r['stats_seconds_once']:.1f} | {r['seconds_per_batch_excluding_stats']:.0f} | "
             f"{r['z_seconds_per_batch']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
