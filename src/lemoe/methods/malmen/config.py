@@ -21,6 +21,7 @@ class MALMENConfig(MethodConfig):
     init_lr: float = 3e-4
     init_log_lambda: float = 0.0  # initial per-module log of the ridge lambda
     # Where a trained editor lives (a directory written by save_pretrained or the trainer); None: untrained.
+    # Its layers / n_layers / rank / n_blocks replace the ones given here (the net must match its weights).
     editor: str | None = None
     # Compute sizes: they change speed and memory, never the result.
     lm_batch_size: int = 32  # edit sequences per LM forward/backward when caching
