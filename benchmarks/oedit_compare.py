@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{name + args.label:14} {dataset:11} T={t:<4} rel {m['reliability.token_acc']:.3f} "
                     f"gen {m['generality.token_acc']:.3f} loc {m['locality.agreement']:.3f} "
-                    f"relEM {m.get('reliability.exact_match') or float('nan'):.3f} "
+                    f"relEM {m['reliability.exact_match']} "
                     f"knowns {after['knowns.token_acc']:.3f} ppl {after['heldout.ppl']:.2f} "
                     f"cos {row['cos_successive_mean']} s/edit {row['seconds_per_edit']:.2f} "
                     f"state {state_bytes / 1e6:.1f} MB",
