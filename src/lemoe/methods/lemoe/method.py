@@ -330,7 +330,8 @@ class LEMoE(EditMethod):
                     self.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 h = self._rt.observed
                 self._rt.observed = None
-            assert h is not None
+            if h is None:
+                raise RuntimeError("LEMoE's hooks are not installed (remove_hooks() was called)")
             out.extend(h[r, : len(s)].float() for r, s in enumerate(chunk))
         return out
 
