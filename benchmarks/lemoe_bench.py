@@ -30,8 +30,8 @@ from lemoe.requests import EditRequest, InvalidRequestError, validate_request
 from lemoe.runner import Protocol, format_table, run_protocol
 
 DATA = {
-    "zsre": "/work/shared/data/zsre/zsre_dev.json",
-    "counterfact": "/work/shared/data/counterfact/counterfact_val.json",
+    "zsre": "../shared/data/zsre/zsre_dev.json",
+    "counterfact": "../shared/data/counterfact/counterfact_val.json",
 }
 
 

@@ -2,13 +2,13 @@
 # Locate-then-edit comparison on SmolLM2-135M: CoachHooK, sequential MEMIT, AlphaEdit (consecutive
 # batches, all edits so far evaluated every EVERY batches) and MEMIT-MASS (all edits in one batch).
 # Usage: benchmarks/locate_runs.sh OUT_DIR EDITS BATCH EVERY DATA [extra lemoe-run args, e.g. --opt v_steps=10]
-# The issue's protocol is `benchmarks/locate_runs.sh OUT 600 30 5 zsre:/work/shared/data/zsre/zsre_dev.json`.
+# The issue's protocol is `benchmarks/locate_runs.sh OUT 600 30 5 zsre:../shared/data/zsre/zsre_dev.json`.
 set -euo pipefail
 OUT=${1:-/tmp/locate_results}
 EDITS=${2:-600}
 BATCH=${3:-30}
 EVERY=${4:-5}
-DATA=${5:-zsre:/work/shared/data/zsre/zsre_dev.json}
+DATA=${5:-zsre:../shared/data/zsre/zsre_dev.json}
 shift $(( $# < 5 ? $# : 5 ))
 EXTRA=("$@")
 NAME=$(echo "$DATA" | cut -d: -f1)

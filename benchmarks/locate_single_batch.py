@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="memit")
     parser.add_argument("--n", type=int, default=10)
-    parser.add_argument("--data", default="zsre:/work/shared/data/zsre/zsre_dev.json")
+    parser.add_argument("--data", default="zsre:../shared/data/zsre/zsre_dev.json")
     parser.add_argument("options", nargs="*")
     args = parser.parse_args()
     options = {}

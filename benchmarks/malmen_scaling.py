@@ -37,7 +37,7 @@ KEYS = ["reliability.token_acc", "generality.token_acc", "locality.agreement", "
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--editor", required=True, help="trained editor folder (trainer's DIR/editor or DIR/best)")
-    ap.add_argument("--data", default="/work/shared/data/counterfact/counterfact_val.json")
+    ap.add_argument("--data", default="../shared/data/counterfact/counterfact_val.json")
     ap.add_argument("--sizes", default="1,4,16,64,256,1024")
     ap.add_argument("--eval-edits", type=int, default=64)
     ap.add_argument("--methods", default="malmen,mend-sum")

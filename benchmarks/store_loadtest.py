@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default=None, help="default: lemoe when registered, else ft-m")
     ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--data", default="zsre:/work/shared/data/zsre/zsre_dev.json")
+    ap.add_argument("--data", default="zsre:../shared/data/zsre/zsre_dev.json")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     ap.add_argument("--generate-clients", type=int, default=4)
     ap.add_argument("--edit-clients", type=int, default=2)
