@@ -76,13 +76,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     method = build_method(args.method, model, tokenizer, dict(args.opt))
     protocol = Protocol(edits=args.edits, edits_per_step=args.edits_per_step, evaluate="final", chunk=args.chunk)
     t0 = time.perf_counter()
+
     def log_step(entry: dict[str, Any]) -> None:
         if entry["step"] % 10 == 0:
-            print(f"step {entry['step']} {entry['seconds']:.2f}s {entry['info']} t={time.perf_counter() - t0:.0f}s",
-                  flush=True)
+            print(
+                f"step {entry['step']} {entry['seconds']:.2f}s {entry['info']} t={time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
 
-    record = run_protocol(method, requests, protocol, Evaluator(model, tokenizer), evaluate_pre=not args.no_pre,
-                          progress=False, on_step=log_step)
+    record = run_protocol(
+        method,
+        requests,
+        protocol,
+        Evaluator(model, tokenizer),
+        evaluate_pre=not args.no_pre,
+        progress=False,
+        on_step=log_step,
+    )
     summary = {
         "command": "python benchmarks/lemoe_bench.py " + " ".join(args.argv),
         "data": {"kind": args.data, "path": args.path or DATA[args.data], "skipped_invalid_records": skipped},
@@ -121,8 +131,9 @@ def cmd_latency(args: argparse.Namespace) -> None:
         # CPU time of this process: on a shared, oversubscribed machine wall time mostly measures
         # the other jobs' load.
         t = time.process_time()
-        greedy_generate(model, tokenizer, prompts, [args.new_tokens] * len(prompts), batch_size=args.batch,
-                        context=context)
+        greedy_generate(
+            model, tokenizer, prompts, [args.new_tokens] * len(prompts), batch_size=args.batch, context=context
+        )
         return time.process_time() - t
 
     def paired(context: Any) -> tuple[float, float]:

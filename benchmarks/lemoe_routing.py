@@ -76,9 +76,18 @@ def main() -> None:
         print(json.dumps(row))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
-            "command": "python benchmarks/lemoe_routing.py " + " ".join(sys.argv[1:]),
-            "model": "smollm2-135m", "data": args.data, "edits": len(requests), "rows": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": "python benchmarks/lemoe_routing.py " + " ".join(sys.argv[1:]),
+                    "model": "smollm2-135m",
+                    "data": args.data,
+                    "edits": len(requests),
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Markdown tables from the summaries written by ``benchmarks/oedit_compare.py``.
 
-    .venv/bin/python benchmarks/oedit_table.py docs/results/raw/oedit_summary.json
+.venv/bin/python benchmarks/oedit_table.py docs/results/raw/oedit_summary.json
 """
 
 from __future__ import annotations

@@ -109,8 +109,14 @@ def test_routing_identical_in_training_evaluation_and_generation(edited, tokeniz
     assert torch.equal(tf[0], expected[order])  # prompt-only pooling although the answer is fed too
     gen_order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids))
     with method.record_decisions() as gd:
-        greedy_generate(model, tokenizer, [p.prompt_ids for p in pairs], [4] * len(pairs), batch_size=8,
-                        context=method.forward_context)
+        greedy_generate(
+            model,
+            tokenizer,
+            [p.prompt_ids for p in pairs],
+            [4] * len(pairs),
+            batch_size=8,
+            context=method.forward_context,
+        )
     assert len(gd) == 1 and torch.equal(gd[0], expected[gen_order])  # one decision, kept while decoding
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -184,8 +190,14 @@ def test_reset_restores_base(edited, tokenizer) -> None:
 def test_bad_options_and_batches_change_nothing(tokenizer) -> None:
     model = tiny_model("llama")
     n_hooks = len(model._forward_pre_hooks)
-    for bad in ({"expert_width": 0}, {"layer": 9}, {"route_layer": 3, "layer": 2}, {"null_quantile": 2.0},
-                {"calibration_texts": ["only one"]}, {"activation": "tanh"}):
+    for bad in (
+        {"expert_width": 0},
+        {"layer": 9},
+        {"route_layer": 3, "layer": 2},
+        {"null_quantile": 2.0},
+        {"calibration_texts": ["only one"]},
+        {"activation": "tanh"},
+    ):
         with pytest.raises(ValueError):
             build_method("lemoe", model, tokenizer, bad)
     assert len(model._forward_pre_hooks) == n_hooks
@@ -250,8 +262,14 @@ def test_real_model_lifelong_run(smollm2, shared_data) -> None:
     requests = [zsre_record(r) for r in records]
     method = build_method("lemoe", model, tokenizer, {"lr": 2e-2})
     try:
-        record = run_protocol(method, requests, Protocol(edits=5, edits_per_step=1), Evaluator(model, tokenizer),
-                              progress=False, evaluate_pre=False)
+        record = run_protocol(
+            method,
+            requests,
+            Protocol(edits=5, edits_per_step=1),
+            Evaluator(model, tokenizer),
+            progress=False,
+            evaluate_pre=False,
+        )
         routed = method.route_prompts([r.prompt for r in requests]).tolist()
     finally:
         method.remove_hooks()

@@ -86,8 +86,20 @@ def counting_registered(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def make_requests(n: int, prefix: str = "") -> list[EditRequest]:
-    names = ["Alice Martin", "Bruno Costa", "Chen Wei", "Dara Okafor", "Elif Yilmaz", "Farid Haddad",
-             "Greta Lind", "Hiro Tanaka", "Ines Duarte", "Jonas Berg", "Kofi Mensah", "Lena Novak"]
+    names = [
+        "Alice Martin",
+        "Bruno Costa",
+        "Chen Wei",
+        "Dara Okafor",
+        "Elif Yilmaz",
+        "Farid Haddad",
+        "Greta Lind",
+        "Hiro Tanaka",
+        "Ines Duarte",
+        "Jonas Berg",
+        "Kofi Mensah",
+        "Lena Novak",
+    ]
     cities = ["Lisbon", "Oslo", "Nairobi", "Quito", "Hanoi", "Tbilisi", "Perth", "Accra", "Lyon", "Porto"]
     return [
         EditRequest(
@@ -120,8 +132,9 @@ def journal_rows(root: Path) -> list[tuple]:
 @pytest.fixture
 def ft_store(tmp_path: Path, tokenizer: object) -> Path:
     root = tmp_path / "store"
-    with EditStore.init(root, model="tiny-llama", method="ft-m", options=FT_OPTIONS, edits_per_step=2,
-                        loaded=tiny_loaded(tokenizer)) as store:
+    with EditStore.init(
+        root, model="tiny-llama", method="ft-m", options=FT_OPTIONS, edits_per_step=2, loaded=tiny_loaded(tokenizer)
+    ) as store:
         store.submit(make_requests(6))
         store.apply_pending()
     return root
@@ -129,8 +142,9 @@ def ft_store(tmp_path: Path, tokenizer: object) -> Path:
 
 def test_journal_records_batches_and_reopen_restores_the_state(tmp_path: Path, tokenizer: object) -> None:
     root = tmp_path / "store"
-    with EditStore.init(root, model="tiny-llama", method="ft-m", options=FT_OPTIONS, edits_per_step=2,
-                        loaded=tiny_loaded(tokenizer)) as store:
+    with EditStore.init(
+        root, model="tiny-llama", method="ft-m", options=FT_OPTIONS, edits_per_step=2, loaded=tiny_loaded(tokenizer)
+    ) as store:
         done = store.submit(make_requests(5))
         assert [d.seq for d in done] == [1, 2, 3, 4, 5] and not any(d.duplicate for d in done)
         batches = store.apply_pending()
@@ -198,8 +212,14 @@ def test_rollback_without_native_support_needs_replay(ft_store: Path, tokenizer:
             store.rollback([2], replay=True)
     # Replay is exact for a deterministic method: the same as never having applied batch 2.
     reqs = make_requests(6)
-    with EditStore.init(tmp_path / "ref", model="tiny-llama", method="ft-m", options=FT_OPTIONS, edits_per_step=2,
-                        loaded=tiny_loaded(tokenizer)) as ref:
+    with EditStore.init(
+        tmp_path / "ref",
+        model="tiny-llama",
+        method="ft-m",
+        options=FT_OPTIONS,
+        edits_per_step=2,
+        loaded=tiny_loaded(tokenizer),
+    ) as ref:
         ref.submit(reqs[:2] + reqs[4:])
         ref.apply_pending()
         torch.testing.assert_close(ft_delta(ref), without_2, rtol=0, atol=1e-6)
@@ -216,8 +236,9 @@ def test_native_rollback_one_batch_and_everything_after(
 ) -> None:
     root = tmp_path / "store"
     reqs = make_requests(8)
-    with EditStore.init(root, model="tiny-llama", method="counting", edits_per_step=2,
-                        loaded=tiny_loaded(tokenizer)) as store:
+    with EditStore.init(
+        root, model="tiny-llama", method="counting", edits_per_step=2, loaded=tiny_loaded(tokenizer)
+    ) as store:
         store.submit(reqs)
         store.apply_pending()
         store.rollback([2])
@@ -241,8 +262,9 @@ def test_lemoe_store_native_rollback_survives_reopen(tmp_path: Path, tokenizer: 
     if "lemoe" not in METHODS:
         pytest.skip("LEMoE is not registered")
     root, reqs = tmp_path / "store", make_requests(6)
-    with EditStore.init(root, method="lemoe", options={"steps": 5}, edits_per_step=2,
-                        loaded=tiny_loaded(tokenizer)) as store:
+    with EditStore.init(
+        root, method="lemoe", options={"steps": 5}, edits_per_step=2, loaded=tiny_loaded(tokenizer)
+    ) as store:
         store.submit(reqs)
         store.apply_pending()
         store.rollback([2])

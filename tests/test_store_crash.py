@@ -199,9 +199,12 @@ class Models:
 
 def _new_store(root: Path, models: Models, method: str) -> None:
     options = {"ft-m": FT_OPTIONS, "lemoe": {"steps": 3}}.get(method, {})
+
     def init() -> None:
-        EditStore.init(root, model="tiny-llama", method=method, options=options, edits_per_step=PER_STEP,
-                       loaded=models.edit).close()
+        EditStore.init(
+            root, model="tiny-llama", method=method, options=options, edits_per_step=PER_STEP, loaded=models.edit
+        ).close()
+
     assert _in_child(init) == 0
 
 
@@ -229,12 +232,14 @@ def _crash_loop(tmp_path: Path, tokenizer: object, method: str, rounds: int, see
         root = tmp_path / "steps"
         _new_store(root, models, method)
         for n in range(n_batches + 1):
+
             def step(n: int = n) -> dict[str, Any]:
                 with EditStore.open(root, loaded=models.edit) as store:
                     if n:
                         store.submit(make_requests(N_EDITS)[: n * PER_STEP])
                         store.apply_pending()
                     return {"state": _state(store.method)}
+
             assert _in_child(step, counted) == 0
             per_batch[tuple(range(1, n + 1))] = json.loads(counted.read_text())["state"]
 

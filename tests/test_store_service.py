@@ -38,7 +38,13 @@ class Client:
         self.port = port
 
     def call(
-        self, verb: str, path: str, body: Any = None, *, token: str | None = TOKEN, raw: bytes | None = None,
+        self,
+        verb: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = TOKEN,
+        raw: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -80,10 +86,17 @@ def journal_state(root: Path) -> list[Any]:
 def service(tmp_path_factory: pytest.TempPathFactory, tokenizer: object) -> Iterator[tuple[EditService, Client]]:
     root = tmp_path_factory.mktemp("service") / "store"
     options = {"steps": 1, "lr": 1e-2}
-    store = EditStore.init(root, model="tiny-llama", method="ft-m", options=options, edits_per_step=2,
-                           loaded=(tiny_model("llama"), tokenizer))
+    store = EditStore.init(
+        root,
+        model="tiny-llama",
+        method="ft-m",
+        options=options,
+        edits_per_step=2,
+        loaded=(tiny_model("llama"), tokenizer),
+    )
     svc = EditService(
-        store, ServiceConfig(token=TOKEN, port=0, max_body_bytes=64 * 1024, max_new_tokens=8),
+        store,
+        ServiceConfig(token=TOKEN, port=0, max_body_bytes=64 * 1024, max_new_tokens=8),
         lambda: build_method("ft-m", tiny_model("llama"), tokenizer, options),
     )
     _, port = svc.start()
@@ -126,8 +139,9 @@ def test_submit_follow_list_generate_and_rollback(service: tuple[EditService, Cl
 
     method = svc.store.method
     ids = method.tokenizer(requests[0]["prompt"])["input_ids"]
-    expected = method.tokenizer.decode(greedy_generate(method.model, method.tokenizer, [ids], [4])[0],
-                                       skip_special_tokens=True)
+    expected = method.tokenizer.decode(
+        greedy_generate(method.model, method.tokenizer, [ids], [4])[0], skip_special_tokens=True
+    )
     assert gen["text"] == expected
 
     batch = edit["batch"]
@@ -169,8 +183,17 @@ def test_clear_4xx_for_bad_requests_and_limits(service: tuple[EditService, Clien
     assert wait_until_idle(svc, 120)
     before = journal_state(svc.store.root)
     cases.append((client.call("POST", "/v1/edits", clash), 409, "duplicate_request_id"))
-    cases.append((raw_exchange(client.port, b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                               b"Content-Type: application/json\r\n\r\n0\r\n\r\n"), 411, "length_required"))
+    cases.append(
+        (
+            raw_exchange(
+                client.port,
+                b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Type: application/json\r\n\r\n0\r\n\r\n",
+            ),
+            411,
+            "length_required",
+        )
+    )
     cases.append((raw_exchange(client.port, b"POST /v1/edits HTTP/1.1\r\nHost: x\r\n\r\n"), 411, "length_required"))
     for (status, body), want, code in cases:
         assert status == want, body
@@ -244,8 +267,20 @@ def test_fuzz_validator_raises_only_invalid_request(payload: Any) -> None:
         r.prompt.encode("utf-8")
 
 
-routes = st.sampled_from(["/v1/edits"] * 4 + ["/v1/generate", "/v1/rollback", "/v1/edits/1", "/v1/store",
-                          "/v1/batches", "/v1/edits?limit=abc", "/v1/x", "/../etc", "/v1/edits?status=%00"])
+routes = st.sampled_from(
+    ["/v1/edits"] * 4
+    + [
+        "/v1/generate",
+        "/v1/rollback",
+        "/v1/edits/1",
+        "/v1/store",
+        "/v1/batches",
+        "/v1/edits?limit=abc",
+        "/v1/x",
+        "/../etc",
+        "/v1/edits?status=%00",
+    ]
+)
 bodies = st.one_of(
     payloads.map(lambda p: json.dumps(p).encode()),
     st.binary(max_size=200),
@@ -253,11 +288,16 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
-@given(verb=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "PATCH"]), path=routes, body=bodies,
-       ctype=st.sampled_from(["application/json"] * 4 + ["text/plain", ""]),
-       token=st.sampled_from([TOKEN] * 4 + [None, "bad"]))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    verb=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "PATCH"]),
+    path=routes,
+    body=bodies,
+    ctype=st.sampled_from(["application/json"] * 4 + ["text/plain", ""]),
+    token=st.sampled_from([TOKEN] * 4 + [None, "bad"]),
+)
 def test_fuzz_http_never_5xx_never_changes_the_store_on_error(
     service: tuple[EditService, Client], verb: str, path: str, body: bytes, ctype: str, token: str | None
 ) -> None:
@@ -284,8 +324,13 @@ def test_lemoe_serve_starts_with_a_private_token_and_stops_on_sigterm(tmp_path: 
     root = tmp_path / "store"
     EditStore.init(root, model=str(model_dir), method="ft-m", options={"steps": 1}).close()
     env = {k: v for k, v in os.environ.items() if k != "LEMOE_SERVE_TOKEN"} | {"TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "lemoe.cli", "serve", str(root), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lemoe.cli", "serve", str(root), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert "serving" in line, line

@@ -233,15 +233,24 @@ class EditService:
     def list_batches(self) -> dict[str, Any]:
         return {
             "batches": [
-                {"batch": b.batch_id, "status": b.status, "created_at": b.created_at, "applied_at": b.applied_at,
-                 "rolled_back_at": b.rolled_back_at}
+                {
+                    "batch": b.batch_id,
+                    "status": b.status,
+                    "created_at": b.created_at,
+                    "applied_at": b.applied_at,
+                    "rolled_back_at": b.rolled_back_at,
+                }
                 for b in self.store.batches()
             ]
         }
 
     def info(self) -> dict[str, Any]:
-        return {**self.store.info(), "writer_busy": self.writer_busy, "writer_error": self.writer_error,
-                "state_version": self._version}
+        return {
+            **self.store.info(),
+            "writer_busy": self.writer_busy,
+            "writer_error": self.writer_error,
+            "state_version": self._version,
+        }
 
 
 def _is_int(x: Any) -> bool:

@@ -257,8 +257,11 @@ def add_store_commands(subparsers: Any) -> None:
     serve.add_argument("store", help="store directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--token-file", default=None, help="file holding the token (default: $LEMOE_SERVE_TOKEN, "
-                       f"else STORE/{TOKEN_FILE}, created on first use)")
+    serve.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the token (default: $LEMOE_SERVE_TOKEN, else STORE/{TOKEN_FILE}, created on first use)",
+    )
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--max-requests", type=int, default=64, help="requests per submission")
     serve.add_argument("--max-new-tokens", type=int, default=64)

@@ -400,7 +400,12 @@ class EditStore:
                 digest = journal.edits_digest(self._conn, remaining)
             written = write_checkpoint(self.method, self.root / CHECKPOINT_DIR, ckpt_id, remaining, digest)
             row = CheckpointRow(
-                ckpt_id, written.dirname, tuple(remaining), digest, written.state_sha256, written.config_sha256,
+                ckpt_id,
+                written.dirname,
+                tuple(remaining),
+                digest,
+                written.state_sha256,
+                written.config_sha256,
                 journal.now(),
             )
             with self._db_lock, journal.transaction(self._conn):
@@ -501,4 +506,3 @@ def open_readonly(root: str | Path) -> tuple[StoreSpec, Any]:
     spec, spec_sha = read_spec(root)
     _check_journal_identity(root, spec, spec_sha)
     return spec, journal.connect(root / JOURNAL_FILE)
-

@@ -369,8 +369,15 @@ class LEMoE(EditMethod):
     def _pool(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         assert self.route_mean is not None and self.route_std is not None
         return torch.stack(
-            [router.queries(h[None], torch.ones(1, h.shape[0], dtype=torch.bool, device=h.device), self.route_mean,
-                            self.route_std)[0] for h in hidden]
+            [
+                router.queries(
+                    h[None],
+                    torch.ones(1, h.shape[0], dtype=torch.bool, device=h.device),
+                    self.route_mean,
+                    self.route_std,
+                )[0]
+                for h in hidden
+            ]
         )
 
     def routing_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -437,10 +444,16 @@ class LEMoE(EditMethod):
             self.expert_requests.append([r.request_id for r in requests])
         keys = q if cfg.anchor_keys == "request" else F.normalize(q.mean(0, keepdim=True), dim=-1)
         self.keys = torch.cat([self.keys, keys.to(self.keys)])
-        self.key_expert = torch.cat([self.key_expert, torch.full((keys.shape[0],), index, dtype=torch.long,
-                                                                  device=self.key_expert.device)])
-        return {"steps": steps, "loss": loss_value, "accuracy": acc, "experts": self.n_experts,
-                "threshold": self.threshold}
+        self.key_expert = torch.cat(
+            [self.key_expert, torch.full((keys.shape[0],), index, dtype=torch.long, device=self.key_expert.device)]
+        )
+        return {
+            "steps": steps,
+            "loss": loss_value,
+            "accuracy": acc,
+            "experts": self.n_experts,
+            "threshold": self.threshold,
+        }
 
     def _train(self, expert: Expert, batch: LMBatch) -> tuple[int, float, float]:
         """AdamW on the target NLL; frozen blocks below the layer computed once; early stop."""

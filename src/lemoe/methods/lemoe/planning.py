@@ -51,9 +51,7 @@ def clustered_batches(items: Sequence[T], labels: torch.Tensor, batch_size: int)
     return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
 
 
-def plan_clustered(
-    items: Sequence[T], embeddings: torch.Tensor, batch_size: int, *, seed: int = 0
-) -> list[list[T]]:
+def plan_clustered(items: Sequence[T], embeddings: torch.Tensor, batch_size: int, *, seed: int = 0) -> list[list[T]]:
     """K-means with ``ceil(n / batch_size)`` clusters, then :func:`clustered_batches`."""
     if batch_size <= 1 or len(items) <= batch_size:
         return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]

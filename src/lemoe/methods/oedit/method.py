@@ -263,9 +263,11 @@ class OEdit(EditMethod):
             norm = float(update.norm())
             inside = float(subspace.component_in(update, basis, cfg.side).norm()) / norm if norm > 0 else 0.0
             prev = self._previous_update[i]
-            cos = float(torch.nn.functional.cosine_similarity(update.flatten(), prev.flatten(), dim=0)) if (
-                prev is not None and norm > 0 and float(prev.norm()) > 0
-            ) else None
+            cos = (
+                float(torch.nn.functional.cosine_similarity(update.flatten(), prev.flatten(), dim=0))
+                if (prev is not None and norm > 0 and float(prev.norm()) > 0)
+                else None
+            )
             self._previous_update[i] = update
             room = self.limits[i] - basis.shape[1]
             new = subspace.new_directions(update, basis, cfg.side, cfg.edit_energy, room)
