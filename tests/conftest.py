@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +31,34 @@ def smollm2():
     from lemoe.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@dataclass(frozen=True)
+class ZsreSetup:
+    """SmolLM2, the first packaged ZsRE samples, an evaluator and its unedited reference."""
+
+    model: Any
+    tokenizer: Any
+    requests: list
+    evaluator: Any
+    reference: Any
+
+
+@pytest.fixture(scope="session")
+def smollm2_zsre(smollm2) -> ZsreSetup:
+    """Set-up shared by the slow real-model edit tests: built once, before any of them edits.
+
+    The reference is only valid for the unedited model, so every test using this fixture must
+    restore the model (reset / detach) when it is done, as the tests do in ``finally``.
+    """
+    from lemoe.data import load_spec
+    from lemoe.evaluation import Evaluator
+
+    model, tok = smollm2
+    requests, _ = load_spec("zsre:sample")
+    requests = requests[:4]
+    evaluator = Evaluator(model, tok, exact_match=False)
+    return ZsreSetup(model, tok, requests, evaluator, evaluator.reference(requests))
 
 
 @pytest.fixture(scope="session")

@@ -175,15 +175,9 @@ def test_state_round_trip(tokenizer: object, cache: Path, corpus: str, tmp_path:
 
 
 @pytest.mark.slow
-def test_coachhook_on_smollm2_keeps_locality(smollm2: tuple) -> None:
-    from lemoe.data import load_spec
-    from lemoe.evaluation import Evaluator
-
-    model, tok = smollm2
-    requests, _ = load_spec("zsre:sample")
-    requests = requests[:4]
-    evaluator = Evaluator(model, tok, exact_match=False)
-    reference = evaluator.reference(requests)
+def test_coachhook_on_smollm2_keeps_locality(smollm2_zsre) -> None:
+    model, tok, requests = smollm2_zsre.model, smollm2_zsre.tokenizer, smollm2_zsre.requests
+    evaluator, reference = smollm2_zsre.evaluator, smollm2_zsre.reference
     method = build_method("coachhook", model, tok, {})  # default statistics: cached after the first run
     try:
         method.apply(requests)

@@ -212,15 +212,9 @@ def test_alphaedit_projection_and_preserved_keys(tokenizer: object, cache: Path,
 
 
 @pytest.mark.slow
-def test_memit_on_smollm2_edits_zsre_sample(smollm2: tuple, tmp_path: Path) -> None:
-    from lemoe.data import load_spec
-    from lemoe.evaluation import Evaluator
-
-    model, tok = smollm2
-    requests, _ = load_spec("zsre:sample")
-    requests = requests[:4]
-    evaluator = Evaluator(model, tok, exact_match=False)
-    reference = evaluator.reference(requests)
+def test_memit_on_smollm2_edits_zsre_sample(smollm2_zsre) -> None:
+    model, tok, requests = smollm2_zsre.model, smollm2_zsre.tokenizer, smollm2_zsre.requests
+    evaluator, reference = smollm2_zsre.evaluator, smollm2_zsre.reference
     method = build_method("memit", model, tok, {})  # default statistics: cached after the first run
     try:
         method.apply(requests)

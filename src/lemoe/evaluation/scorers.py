@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lemoe.batching import pad_id, pad_left, pad_right
+
 # A hook that wraps every forward pass of the evaluator. Methods whose behaviour depends on which
 # tokens are the prompt (LEMoE routes on the prompt only) receive the prompt mask through it.
 ForwardContext = Callable[[torch.Tensor], AbstractContextManager[object]]
@@ -77,11 +79,6 @@ def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(order[i : i + size])
 
 
-def _pad_id(tokenizer: object) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
-
-
 @torch.no_grad()
 def teacher_forced_predictions(
     model: torch.nn.Module,
@@ -94,19 +91,14 @@ def teacher_forced_predictions(
     """For each pair, the argmax token and the log-probability of the true token at each answer
     position (both 1-D tensors of the answer's length)."""
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer, eos_fallback=False)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].answer_ids))
     argmax: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     logprob: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     for idx in _batches(order, batch_size):
-        seqs = [pairs[i].prompt_ids + pairs[i].answer_ids for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        prompt_mask = torch.zeros((len(idx), width), dtype=torch.bool)
-        for r, (i, s) in enumerate(zip(idx, seqs, strict=True)):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        ids, mask = pad_right([pairs[i].prompt_ids + pairs[i].answer_ids for i in idx], pad)
+        prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
+        for r, i in enumerate(idx):
             prompt_mask[r, : len(pairs[i].prompt_ids)] = True
         n_ans = max(len(pairs[i].answer_ids) for i in idx)
         # logits at position t predict token t+1: answer token j is predicted at n_p - 1 + j
@@ -187,19 +179,12 @@ def greedy_generate(
     """Greedy continuations, left-padded and batched, with a KV cache; a row stops at EOS, at any
     of ``stop_ids`` (kept in the output) or at its own ``max_new_tokens``. Returns new token ids."""
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer, eos_fallback=False)
     eos = getattr(tokenizer, "eos_token_id", None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for idx in _batches(order, batch_size):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_left([prompts[i] for i in idx], pad, device)
         limit = torch.tensor([max_new_tokens[i] for i in idx], device=device)
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         generated = torch.zeros((len(idx), int(limit.max())), dtype=torch.long, device=device)

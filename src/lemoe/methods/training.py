@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lemoe.batching import pad_id, pad_right
 from lemoe.evaluation.scorers import encode_pairs
 
 
@@ -28,17 +29,12 @@ class LMBatch:
 
 def build_lm_batch(tokenizer: object, prompts: Sequence[str], targets: Sequence[str]) -> LMBatch:
     pairs = encode_pairs(tokenizer, prompts, targets)
-    width = max(len(p.prompt_ids) + len(p.answer_ids) for p in pairs)
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    n = len(pairs)
-    ids = torch.full((n, width), int(pad), dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    pmask = torch.zeros((n, width), dtype=torch.bool)
-    tmask = torch.zeros((n, width), dtype=torch.bool)
+    # Same pad rule as the evaluator (pad token, else 0), so training and scoring inputs match.
+    ids, attn = pad_right([p.prompt_ids + p.answer_ids for p in pairs], pad_id(tokenizer, eos_fallback=False))
+    pmask = torch.zeros_like(ids, dtype=torch.bool)
+    tmask = torch.zeros_like(ids, dtype=torch.bool)
     for r, p in enumerate(pairs):
         n_p, n_a = len(p.prompt_ids), len(p.answer_ids)
-        ids[r, : n_p + n_a] = torch.tensor(p.prompt_ids + p.answer_ids)
-        attn[r, : n_p + n_a] = 1
         pmask[r, :n_p] = True
         tmask[r, n_p : n_p + n_a] = True
     return LMBatch(ids, attn, pmask, tmask)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lemoe.batching import pad_id, pad_right
 from lemoe.methods.base import StateError
 from lemoe.methods.coachhook.config import CoachHooKConfig
 from lemoe.methods.coachhook.hooks import HookLayer, MaskSource, Mode
@@ -32,7 +33,6 @@ from lemoe.methods.locate import (
     memit_delta,
     spread_residual,
 )
-from lemoe.methods.locate.positions import pad_id, pad_right
 from lemoe.requests import EditRequest
 
 

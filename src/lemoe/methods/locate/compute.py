@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemoe.batching import pad_id, pad_right
 from lemoe.methods.locate.config import LocateConfig
-from lemoe.methods.locate.positions import Site, pad_id, pad_right, sites, token_index_of_char
+from lemoe.methods.locate.positions import Site, sites, token_index_of_char
 from lemoe.models.access import ModelAccess
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
 from lemoe.requests import EditRequest

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lemoe.batching import pad_id
 from lemoe.requests import EditRequest
 
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -58,24 +59,6 @@ def sites(tokenizer: object, requests: Sequence[EditRequest], templates: Sequenc
             row.append(Site(tuple(ids), idx))
         out.append(row)
     return out
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask (positions stay natural, as in the evaluator)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, : len(s)] = 1
-    return ids, mask
-
-
-def pad_id(tokenizer: object) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 @torch.no_grad()

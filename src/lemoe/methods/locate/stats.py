@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lemoe.batching import pad_id, pad_left, pad_right
 from lemoe.methods.base import model_fingerprint
-from lemoe.methods.locate.positions import pad_id
 from lemoe.models.access import ModelAccess
 from lemoe.models.loading import cache_dir
 
@@ -66,12 +66,8 @@ def model_corpus(
         for i in tqdm(range(0, samples, batch_size), desc="stats corpus (sampling from the model)", unit="batch"):
             chunk = starts[i : i + batch_size]
             enc = [tokenizer(s, add_special_tokens=True)["input_ids"] for s in chunk]  # type: ignore[operator]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad_id(tokenizer), dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for r, e in enumerate(enc):  # left padding: generation continues every row at the end
-                ids[r, width - len(e) :] = torch.tensor(e)
-                mask[r, width - len(e) :] = 1
+            ids, mask = pad_left(enc, pad_id(tokenizer))  # generation continues every row at the end
+            width = ids.shape[1]
             out = model.generate(  # type: ignore[attr-defined]
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -161,18 +157,11 @@ def collect_second_moments(
         for i in tqdm(
             range(0, len(enc), batch_size), desc=f"covariance statistics, layers {list(layers)}", unit="batch"
         ):
-            chunk = enc[i : i + batch_size]
-            width = max(len(e) for e in chunk)
-            ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for r, e in enumerate(chunk):
-                ids[r, : len(e)] = torch.tensor(e)
-                mask[r, : len(e)] = True
+            ids, attn = pad_right(enc[i : i + batch_size], pad_id(tokenizer))
+            mask = attn.bool()
             state["mask"] = mask.to(access.device)
             with contextlib.suppress(_Stop):
-                access.model(
-                    input_ids=ids.to(access.device), attention_mask=mask.long().to(access.device), use_cache=False
-                )
+                access.model(input_ids=ids.to(access.device), attention_mask=attn.to(access.device), use_cache=False)
             count += int(mask.sum())
     finally:
         for h in handles:
