@@ -7,7 +7,9 @@ of the file) are edited and scored. For N < eval-edits they are split into group
 group edited in one batch from the unedited model and scored, then reset; for N >= eval-edits
 the first N records are edited in one batch (the evaluated ones plus N - eval-edits others) and
 the evaluated ones are scored. Scores come from lemoe's Evaluator (teacher-forced token accuracy;
-locality = argmax agreement with the unedited model, cached before any edit).
+locality = argmax agreement with the unedited model, cached before any edit; unless
+``--no-exact-match``, also greedy exact match and, for locality, agreement of the greedy
+continuation with the unedited model's).
 
 The LM pass (keys and value-gradients at answer tokens) is run once for all N records and
 reused for every group and batch size: it depends only on the unedited model and the edit, not
@@ -31,7 +33,15 @@ from lemoe.methods import build_method
 from lemoe.methods.malmen.cache import KeyGradCache, collect
 from lemoe.models import load_model
 
-KEYS = ["reliability.token_acc", "generality.token_acc", "locality.agreement", "locality.token_acc"]
+KEYS = [
+    "reliability.token_acc",
+    "generality.token_acc",
+    "locality.agreement",
+    "locality.token_acc",
+    "reliability.exact_match",
+    "generality.exact_match",
+    "locality.generation_agreement",
+]
 
 
 def main() -> None:
@@ -42,6 +52,7 @@ def main() -> None:
     ap.add_argument("--eval-edits", type=int, default=64)
     ap.add_argument("--methods", default="malmen,mend-sum")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--no-exact-match", action="store_true", help="skip greedy exact-match scoring (faster)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     n_max = max(max(sizes), args.eval_edits)
@@ -49,7 +60,7 @@ def main() -> None:
     requests = load_requests("counterfact", args.data)[:n_max]
     evaluated = requests[: args.eval_edits]
     model, tok = load_model()
-    evaluator = Evaluator(model, tok, exact_match=False)
+    evaluator = Evaluator(model, tok, exact_match=not args.no_exact_match)
     methods = {name: build_method(name, model, tok, {"editor": args.editor}) for name in args.methods.split(",")}
     first = next(iter(methods.values()))
 
@@ -97,7 +108,7 @@ def main() -> None:
         )
         for name, method in methods.items():
             per_request: list[dict[str, float]] = []
-            solve_seconds = 0.0
+            solve_seconds = eval_seconds = 0.0
             for lo, hi in groups:
                 method.reset()
                 t1 = time.perf_counter()
@@ -106,7 +117,9 @@ def main() -> None:
                 method.add_shifts(shifts)
                 solve_seconds += time.perf_counter() - t1
                 scored = requests[lo : min(hi, args.eval_edits)]
+                t2 = time.perf_counter()
                 per_request += evaluator.evaluate(scored, reference).per_request
+                eval_seconds += time.perf_counter() - t2
             method.reset()
             agg = {k: sum(r[k] for r in per_request) / len(per_request) for k in KEYS if k in per_request[0]}
             n_facts = sum(hi - lo for lo, hi in groups)
@@ -118,6 +131,7 @@ def main() -> None:
                 **agg,
                 "hypernet_and_solve_seconds_per_batch": solve_seconds / len(groups),
                 "edit_seconds_per_fact": lm_seconds / len(requests) + solve_seconds / n_facts,
+                "eval_seconds": eval_seconds,
             }
             results.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -127,6 +141,7 @@ def main() -> None:
         f"(N < {args.eval_edits}: independent groups; N >= {args.eval_edits}: the first N records in one batch), "
         "each batch from the unedited model, scored right after its batch",
         "editor": args.editor,
+        "exact_match": not args.no_exact_match,
         "editor_config": first.config.to_dict(),
         "model": "smollm2-135m",
         "unedited": pre,

@@ -206,11 +206,9 @@ def test_bad_options_and_states_are_rejected(tokenizer, tmp_path) -> None:
     assert all(torch.equal(a, p.weight) for a, p in zip(weights, method.projections, strict=True))
 
 
-def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
-    """The trainer entry point on a tiny model saved to a folder: run, refuse to overwrite, resume."""
+def _trainer_args(tokenizer, tmp_path) -> list[str]:
+    """Trainer options for a tiny model saved to a folder and ten CounterFact-format records."""
     import json
-
-    from lemoe.methods.malmen.train import main
 
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)
@@ -230,10 +228,9 @@ def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
     ]
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(records))
-    out = tmp_path / "run"
-    common = [
+    return [
         "--out",
-        str(out),
+        str(tmp_path / "run"),
         "--model",
         str(model_dir),
         "--counterfact",
@@ -251,6 +248,16 @@ def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
         "--opt",
         "rank=8",
     ]
+
+
+def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
+    """The trainer entry point on a tiny model saved to a folder: run, refuse to overwrite, resume."""
+    import json
+
+    from lemoe.methods.malmen.train import main
+
+    common = _trainer_args(tokenizer, tmp_path)
+    out = tmp_path / "run"
     assert main([*common, "--steps", "2"]) == 0
     assert {"editor", "best", "trainer.pt", "log.jsonl"} <= {p.name for p in out.iterdir()}
     with pytest.raises(SystemExit, match="--resume"):
@@ -261,3 +268,29 @@ def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
     assert "val" in json.loads((out / "log.jsonl").read_text().splitlines()[1])
     editor = load_method(str(out / "editor"), tiny_model("llama"), tokenizer)
     assert isinstance(editor, MALMEN) and editor.layers == [2, 3]
+
+
+@pytest.mark.parametrize(("name", "cls"), [("malmen", MALMEN), ("mend-sum", MENDSum)])
+def test_lemoe_train_editor_subcommand(tokenizer, tmp_path, name: str, cls: type[MALMEN]) -> None:
+    """`lemoe train-editor` runs the trainer: checkpoint, resume from it, and the editor loads and edits."""
+    from lemoe.cli import main
+
+    common = [*_trainer_args(tokenizer, tmp_path), "--method", name]
+    out = tmp_path / "run"
+    assert main(["train-editor", *common, "--steps", "2"]) == 0
+    assert {"editor", "best", "trainer.pt", "log.jsonl"} <= {p.name for p in out.iterdir()}
+    saved = torch.load(out / "trainer.pt", weights_only=False)
+    assert saved["step"] == 2 and saved["args"]["method"] == name
+    assert "func" not in saved["args"]  # the CLI's dispatch is not pickled into the checkpoint
+    assert main(["train-editor", *common, "--steps", "3", "--resume"]) == 0
+    assert torch.load(out / "trainer.pt", weights_only=False)["step"] == 3
+
+    editor = load_method(str(out / "editor"), tiny_model("llama"), tokenizer)
+    assert type(editor) is cls and editor.layers == [2, 3]
+    direct = cls.from_pretrained(out / "editor", tiny_model("llama"), tokenizer)
+    for a, b in zip(editor.net.state_dict().values(), direct.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    before = [p.weight.clone() for p in editor.projections]
+    editor.apply(requests(2))
+    assert editor.batches_applied == 1
+    assert any(not torch.equal(a, p.weight) for a, p in zip(before, editor.projections, strict=True))

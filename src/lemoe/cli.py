@@ -1,4 +1,4 @@
-"""The ``lemoe`` command line: run a protocol, run the demo, re-score saved results or states."""
+"""The ``lemoe`` command line: run a protocol, run the demo, re-score saved results or states, train an editor."""
 
 from __future__ import annotations
 
@@ -122,7 +122,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_editor(args: argparse.Namespace) -> int:
+    """Meta-train a MALMEN / MEND-sum editor: the trainer module's own options and code."""
+    from lemoe.methods.malmen.train import train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    return train(argparse.Namespace(**options))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lemoe.methods.malmen import train as malmen_train  # its options are the subcommand's
+
     parser = argparse.ArgumentParser(prog="lemoe", description="Lifelong knowledge editing of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-exact-match", action="store_true")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
+
+    te = sub.add_parser(
+        "train-editor",
+        help="meta-train a MALMEN / MEND-sum editor (validation, checkpoints, --resume)",
+        description=malmen_train.DESCRIPTION,
+    )
+    malmen_train.add_arguments(te)
+    te.set_defaults(func=cmd_train_editor)
     add_store_commands(sub)  # `lemoe store ...` and `lemoe serve`
     return parser
 

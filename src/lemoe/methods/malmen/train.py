@@ -1,7 +1,9 @@
 """Meta-training of the MALMEN / MEND-sum editor, with progress, validation, checkpoints and resume.
 
-    python -m lemoe.methods.malmen.train --out DIR --counterfact counterfact_train.json \\
+    lemoe train-editor --out DIR --counterfact counterfact_train.json \\
         [--zsre zsre_dev.json --zsre-range 300:500] --steps 100 --edits-per-step 16
+
+(``python -m lemoe.methods.malmen.train`` takes the same options.)
 
 One meta-step: cache keys/value-gradients of ``n`` training edits (updating the running
 normalisation), predict the shifts, apply them to the unedited model, then
@@ -166,10 +168,18 @@ def parse_range(text: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lemoe.methods.malmen.train", description=__doc__.split("\n\n")[0])
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainer's options, defined once for both ``lemoe train-editor`` and ``python -m``."""
     p.add_argument("--out", required=True, help="output folder: editor/, best/, trainer.pt, log.jsonl")
-    p.add_argument("--method", choices=["malmen", "mend-sum"], default="malmen")
+    p.add_argument(
+        "--method",
+        choices=["malmen", "mend-sum"],
+        default="malmen",
+        help="aggregation the editor is trained for: least squares (malmen) or summed shifts (mend-sum)",
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--counterfact", required=True, help="CounterFact TRAIN split (simplified format)")
     p.add_argument("--val-size", type=int, default=64, help="edits held out from the end of CounterFact train")
@@ -183,15 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/trainer.pt")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="MALMENConfig option")
     p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lemoe.methods.malmen.train", description=DESCRIPTION)
+    add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    return train(build_parser().parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run (or with ``args.resume`` continue) a meta-training run from parsed :func:`add_arguments` options."""
     from lemoe.data import load_requests
     from lemoe.methods import build_method
     from lemoe.models import load_model
 
-    args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = {}
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 "history": history,
                 "best": best,
                 "torch_rng": torch.get_rng_state(),
-                "args": vars(args),
+                "args": {k: v for k, v in vars(args).items() if not callable(v)},  # not a CLI dispatch function
                 "options": options,
             },
         )
