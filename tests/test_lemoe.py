@@ -211,14 +211,14 @@ def test_bad_options_and_batches_change_nothing(tokenizer) -> None:
 
 def test_token_gating_and_shared_expert_modes(tokenizer) -> None:
     model = tiny_model("llama")
-    token = build_method("lemoe", model, tokenizer, {**OPTS, "routing": "token"})
+    token = build_method("lemoe", model, tokenizer, {**OPTS, "routing": "token", "route_key": "prompt"})
     token.apply([EDITS[0]])
     assert token.n_experts == 1
     token.remove_hooks()
     shared = build_method("lemoe", model, tokenizer, {**OPTS, "expert_mode": "shared"})
     shared.apply([EDITS[0]])
     shared.apply([EDITS[1]])
-    assert shared.n_experts == 1 and shared.key_expert.tolist() == [0, 0]
+    assert shared.n_experts == 1 and set(shared.key_expert.tolist()) == {0}
     with pytest.raises(RollbackNotSupported):
         shared.rollback(0)
 
@@ -277,3 +277,69 @@ def test_real_model_lifelong_run(smollm2, shared_data) -> None:
     assert agg["reliability.token_acc"] >= 0.95
     assert agg["locality.agreement"] >= 0.99
     assert routed == [0, 1, 2, 3, 4]
+
+
+def test_span_scores_slide_a_subject_over_the_prompt() -> None:
+    from lemoe.methods.lemoe.router import per_key, route_spans, span_scores, span_slots
+
+    g = torch.Generator().manual_seed(0)
+    vocab = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=-1)
+    slots, key, offset = span_slots([vocab[[2, 3]], vocab[[7]]], first_key=5)
+    assert key.tolist() == [5, 5, 6] and offset.tolist() == [1, 0, 0]
+    q = torch.stack([vocab[[0, 1, 2, 3, 4]], vocab[[3, 9, 9, 9, 9]], vocab[[0, 7, 1, 1, 1]]])
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    scores, keys = span_scores(q, valid, slots, key, offset)
+    assert keys.tolist() == [5, 6]
+    assert scores[0, 0] == pytest.approx(1.0)  # the two-token subject, anywhere in the prompt
+    assert scores[1, 0] < 0.5  # its last token alone, at the start: the window runs off (-1)
+    assert scores[2, 1] == pytest.approx(1.0)
+    valid[2, 1] = False  # a token outside the prompt (e.g. the answer) never matches
+    assert span_scores(q, valid, slots, key, offset)[0][2, 1] < 0.9
+    expert = per_key(torch.tensor([0, 0, 1]), key, keys)
+    threshold = torch.tensor([0.9, 0.9])
+    assert route_spans(scores, threshold, expert).tolist() == [0, NULL, 1]
+    assert route_spans(scores, None, expert)[1] != NULL  # no null route: always some expert
+
+
+def test_subject_keys_route_paraphrases_not_neighbours_on_smollm2(smollm2) -> None:
+    model, tokenizer = smollm2
+    method = build_method("lemoe", model, tokenizer, {"steps": 1, "extra_steps": 0})
+    try:
+        method.apply(
+            [
+                EditRequest(
+                    prompt="The mother tongue of Danielle Darrieux is",
+                    target_new="Klingon",
+                    subject="Danielle Darrieux",
+                )
+            ]
+        )
+        got = method.route_prompts(
+            [
+                "The mother tongue of Danielle Darrieux is",
+                "Danielle Darrieux, a French actress, was born in",  # subject at the start
+                "Last year I met Danielle Darrieux in Paris. She speaks",  # long unrelated prefix
+                "The mother tongue of Jean Gabin is",  # same template, other subject
+                "How do bees make honey?",
+            ]
+        )
+        assert got.tolist() == [0, 0, 0, NULL, NULL]
+        assert method.slot_threshold.max() <= 0.999 and method.slot_threshold.min() > 0
+    finally:
+        method.remove_hooks()
+
+
+def test_prompt_keys_still_round_trip(tokenizer, tmp_path) -> None:
+    model = tiny_model("llama")
+    method = build_method("lemoe", model, tokenizer, {**OPTS, "route_key": "prompt"})
+    method.apply([EDITS[0]])
+    method.save_pretrained(tmp_path / "a")
+    fresh = tiny_model("llama")
+    loaded = load_method(str(tmp_path / "a"), fresh, tokenizer)
+    prompts = [EDITS[0].prompt, *UNRELATED]
+    assert torch.equal(_logits(fresh, tokenizer, prompts), _logits(model, tokenizer, prompts))
+    assert loaded.route_prompts(prompts).tolist() == [0, NULL, NULL]
+    with pytest.raises(StateError):  # a prompt-keyed state is not loaded as a subject-keyed one
+        build_method("lemoe", tiny_model("llama"), tokenizer, OPTS).load_state_dict(
+            method.state_dict(), method.state_meta()
+        )

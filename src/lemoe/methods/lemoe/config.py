@@ -24,14 +24,23 @@ class LEMoEConfig(MethodConfig):
     # -- routing ---------------------------------------------------------------------------------
     routing: Literal["instance", "token"] = "instance"  # instance: one decision per sequence (KV
     #   anchor); token: every token routed on its own (conventional token-level gating, ablation)
-    route_layer: int = 1  # routing reads the input of this block (0: the input embeddings, as in
-    #   the paper; 1 separates paraphrases from unrelated text far better on SmolLM2, see results)
-    anchor_keys: Literal["request", "centroid"] = "request"  # one key per edited prompt, or one
-    #   (mean) key per expert
+    route_key: Literal["subject", "prompt"] = "subject"  # subject: a key is the token span of the
+    #   edit's subject, matched anywhere in a prompt, with its own calibrated threshold; prompt: a
+    #   key is the mean-pooled prompt (the paper's instance embedding), one global threshold
+    route_layer: int | None = None  # routing reads the input of this block (0: the input embeddings,
+    #   as in the paper). None: 4 for route_key=subject, 1 for route_key=prompt (measured best)
+    route_prefix: bool = True  # route_key=subject: compute routing vectors with a separator token
+    #   (EOS, else BOS) before the prompt, so a subject at the very start does not sit on the
+    #   model's first position (whose activations are outsized and context-free)
+    anchor_keys: Literal["request", "centroid"] = "request"  # route_key=prompt: one key per edited
+    #   prompt, or one (mean) key per expert
     null_route: bool = True  # inputs that match no anchor well enough pass through no expert
-    null_quantile: float = 1.0  # threshold = this quantile of generic-vs-generic nearest scores ...
-    null_margin: float = 0.0  # ... plus this margin (cosine units)
-    calibration_texts: list[str] | None = None  # unrelated text for calibration (None: built-in)
+    null_quantile: float = 1.0  # route_key=prompt: threshold = this quantile of generic-vs-generic
+    #   nearest scores ...
+    null_margin: float | None = None  # ... plus this margin (cosine units). None: 0.3 for
+    #   route_key=subject (added to each key's own calibrated threshold), 0.0 for route_key=prompt
+    calibration_texts: list[str] | None = None  # unrelated text for calibration (None: built-in
+    #   generic prompts, plus the packaged ROME "knowns" facts for route_key=subject)
     # -- training --------------------------------------------------------------------------------
     lr: float = 2e-2
     steps: int = 60  # at most, per batch

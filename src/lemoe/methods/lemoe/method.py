@@ -10,8 +10,11 @@ exactly):
 - a forward pre-hook on the model sees ``input_ids``/``attention_mask``/``past_key_values`` and
   decides which tokens are pooled (the prompt, when the evaluator says so through
   :meth:`forward_context`; otherwise every real token) and whether this is KV-cached decoding;
-- a forward pre-hook on block ``route_layer`` pools its input over those tokens and routes once per
-  sequence at prefill; decoding steps keep that decision (also under HF ``generate``);
+- routing happens once per sequence at prefill; decoding steps keep that decision (also under HF
+  ``generate``). With ``route_key=subject`` (default) the model pre-hook runs the frozen blocks
+  below ``route_layer`` once more on the prompt behind a separator token and matches subject-span
+  keys against its tokens; with ``route_key=prompt`` a pre-hook on block ``route_layer`` pools that
+  block's input over the prompt tokens;
 - a forward pre-hook on the MLP's input projection captures ``x``; a forward hook on its output
   projection adds the chosen experts' output, gathered per sequence in one batched matmul.
 """
@@ -19,6 +22,7 @@ exactly):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -28,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemoe.batching import pad_id, pad_right
+from lemoe.data.knowns import KNOWNS
 from lemoe.methods.base import EditMethod, RollbackNotSupported, StateError
 from lemoe.methods.lemoe import router
 from lemoe.methods.lemoe.config import LEMoEConfig
@@ -83,7 +89,11 @@ class LEMoE(EditMethod):
         super().__init__(model, tokenizer, config)
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         self.layer = cfg.layer if cfg.layer is not None else self.access.default_edit_layer()
-        _validate(cfg, self.layer, self.access.num_layers)
+        subject = cfg.route_key == "subject"
+        self.route_layer = cfg.route_layer if cfg.route_layer is not None else (4 if subject else 1)
+        self.route_layer = min(self.route_layer, self.layer)
+        self.null_margin = cfg.null_margin if cfg.null_margin is not None else (0.3 if subject else 0.0)
+        _validate(cfg, self.layer, self.access.num_layers, self.route_layer, self.null_margin)
         self.parts = self.access.mlp(self.layer)
         self.d_in = weight_as_out_in(self.parts.input_module).shape[1]
         self.d_out = self.parts.hidden_size
@@ -94,16 +104,16 @@ class LEMoE(EditMethod):
         self.route_mean: torch.Tensor | None = None
         self.route_std: torch.Tensor | None = None
         self.threshold: float | None = None
+        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None  # route_key=subject, runtime
         self._clear_edits()
         self._handles: list[Any] = []
         self._install_hooks()
 
     def _install_hooks(self) -> None:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         self._handles = [
             self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
             self.model.register_forward_hook(self._on_model_done, always_call=True),
-            self.access.blocks[cfg.route_layer].register_forward_pre_hook(self._on_route_input, with_kwargs=True),
+            self.access.blocks[self.route_layer].register_forward_pre_hook(self._on_route_input, with_kwargs=True),
             self.parts.input_module.register_forward_pre_hook(self._on_mlp_input),
             self.parts.out_proj.register_forward_hook(self._on_mlp_output),
         ]
@@ -116,6 +126,12 @@ class LEMoE(EditMethod):
         d_route = self.access.hidden_size
         self.keys = torch.zeros(0, d_route, device=dev)
         self.key_expert = torch.zeros(0, dtype=torch.long, device=dev)
+        # route_key=subject: ``keys`` and ``key_expert`` are per slot (one subject token); these say
+        # which key a slot belongs to, its offset from the key's last token and the key's threshold.
+        self.slot_key = torch.zeros(0, dtype=torch.long, device=dev)
+        self.slot_offset = torch.zeros(0, dtype=torch.long, device=dev)
+        self.slot_threshold = torch.zeros(0, device=dev)
+        self.next_key = 0
         self.expert_batches: list[int] = []  # the batch index each expert was trained on
         self.expert_requests: list[list[str]] = []  # request ids per expert
 
@@ -152,6 +168,9 @@ class LEMoE(EditMethod):
             "router.mean": self.route_mean,
             "router.std": self.route_std,
             "router.threshold": torch.tensor([self.threshold], dtype=torch.float64),
+            "router.slot_key": self.slot_key,
+            "router.slot_offset": self.slot_offset,
+            "router.slot_threshold": self.slot_threshold,
         }
 
     def state_meta(self) -> dict[str, Any]:
@@ -160,6 +179,8 @@ class LEMoE(EditMethod):
             "n_experts": self.n_experts,
             "expert_batches": list(self.expert_batches),
             "expert_requests": [list(r) for r in self.expert_requests],
+            "route_key": self.config.route_key,  # type: ignore[attr-defined]
+            "next_key": self.next_key,
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -189,6 +210,13 @@ class LEMoE(EditMethod):
             and state["router.std"].shape == (d,)
             and state["router.threshold"].numel() == 1
         )
+        subject = cfg.route_key == "subject"
+        slots = {k: state.get(f"router.slot_{k}") for k in ("key", "offset", "threshold")}
+        if subject:
+            router_ok = router_ok and all(v is not None and v.shape == (keys.shape[0],) for v in slots.values())
+            router_ok = router_ok and meta.get("route_key", "prompt") == "subject"
+        else:
+            router_ok = router_ok and meta.get("route_key", "prompt") == "prompt"
         batches, reqs = meta.get("expert_batches"), meta.get("expert_requests")
         meta_ok = isinstance(batches, list) and isinstance(reqs, list) and len(batches) == n == len(reqs)
         if not (shapes_ok and router_ok and meta_ok):
@@ -200,6 +228,12 @@ class LEMoE(EditMethod):
         self.route_mean = state["router.mean"].to(dev, torch.float32)
         self.route_std = state["router.std"].to(dev, torch.float32)
         self.threshold = float(state["router.threshold"])
+        if subject:
+            self.slot_key = slots["key"].to(dev, torch.long)  # type: ignore[union-attr]
+            self.slot_offset = slots["offset"].to(dev, torch.long)  # type: ignore[union-attr]
+            self.slot_threshold = slots["threshold"].to(dev, torch.float32)  # type: ignore[union-attr]
+            default_next = int(self.slot_key.max()) + 1 if self.slot_key.numel() else 0
+            self.next_key = int(meta.get("next_key", default_next))
         self.expert_batches = [int(b) for b in batches]
         self.expert_requests = [list(r) for r in reqs]
         self.batches_applied = int(meta.get("batches_applied", n))
@@ -243,6 +277,14 @@ class LEMoE(EditMethod):
             mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
         rt.pool_mask = mask
         rt.choice = None
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.route_key == "subject" and rt.mode == "route" and self.n_experts > 0:
+            if ids is None:
+                return  # inputs_embeds only: no token ids to route on, so no expert
+            self._ensure_calibrated()
+            rt.choice = self._route_ids(ids, attn_mask_or_ones(attn, b, t, ids.device), mask)
+            if rt.record is not None:
+                rt.record.append(rt.choice.detach().cpu().clone())
 
     def _on_model_done(self, *_: Any) -> None:
         self._rt.active = False
@@ -258,6 +300,8 @@ class LEMoE(EditMethod):
         if rt.mode == "observe":
             rt.observed = h.detach()
             raise _Stop
+        if self.config.route_key == "subject":  # type: ignore[attr-defined]
+            return  # routed in the model pre-hook
         if self.n_experts == 0:
             rt.choice = None
             return
@@ -310,43 +354,140 @@ class LEMoE(EditMethod):
         choice, _ = router.route(q, self.keys, self.key_expert, threshold)
         return choice
 
+    def _prefix_id(self) -> int | None:
+        """The separator put before every routed text (route_key=subject), or None."""
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.route_key != "subject" or not cfg.route_prefix:
+            return None
+        for name in ("eos_token_id", "bos_token_id"):
+            tid = getattr(self.tokenizer, name, None)
+            if isinstance(tid, int):
+                return tid
+        return pad_id(self.tokenizer)
+
     @torch.no_grad()
-    def _route_hidden(self, texts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
-        """The routing layer's input for each text (``[T_i, d]``), as the hooks see it."""
+    def _observe_rows(self, rows: Sequence[Sequence[int]], batch_size: int = 32) -> list[torch.Tensor]:
+        """The routing layer's input (``[T_i, d]``, float32) for each token-id row, behind the
+        separator when there is one. Runs with its own runtime, so it may be called from inside a
+        forward (the routing pass of ``route_key=subject``) without disturbing that forward."""
+        prefix = self._prefix_id()
+        lead = [] if prefix is None else [prefix]
         out: list[torch.Tensor] = []
-        enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        for i in range(0, len(enc), batch_size):
-            chunk = enc[i : i + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            ids, mask = ids.to(self.access.device), mask.to(self.access.device)
-            with self._mode("observe"):
+        for i in range(0, len(rows), batch_size):
+            chunk = [lead + list(r) for r in rows[i : i + batch_size]]
+            ids, mask = pad_right(chunk, pad_id(self.tokenizer, eos_fallback=False), self.access.device)
+            outer, self._rt = self._rt, _Runtime(mode="observe")
+            try:
                 with suppress(_Stop):
                     self.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 h = self._rt.observed
-                self._rt.observed = None
+            finally:
+                self._rt = outer
             if h is None:
                 raise RuntimeError("LEMoE's hooks are not installed (remove_hooks() was called)")
-            out.extend(h[r, : len(s)].float() for r, s in enumerate(chunk))
+            out.extend(h[r, len(lead) : len(s)].float() for r, s in enumerate(chunk))
         return out
 
+    def _route_hidden(self, texts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """The routing layer's input for each text (``[T_i, d]``), as the router sees it."""
+        enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+        return self._observe_rows(enc, batch_size)
+
+    def _token_batch(
+        self, hidden: list[torch.Tensor], flags: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit standardised token vectors ``[B, T, d]`` and which of them may match ``[B, T]``."""
+        width = max(h.shape[0] for h in hidden)
+        d = hidden[0].shape[-1]
+        q = torch.zeros(len(hidden), width, d, device=hidden[0].device)
+        valid = torch.zeros(len(hidden), width, dtype=torch.bool, device=hidden[0].device)
+        for r, h in enumerate(hidden):
+            q[r, : h.shape[0]] = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
+            valid[r, : h.shape[0]] = True if flags is None else flags[r].to(valid.device)
+        return q, valid
+
+    def _route_ids(self, ids: torch.Tensor, attn: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        """route_key=subject: the expert of each sequence (``[B]``, ``NULL`` for none). The real
+        tokens of each row are packed behind the separator (left or right padding alike)."""
+        real = attn.bool()
+        rows = [ids[b][real[b]].tolist() for b in range(ids.shape[0])]
+        flags = [pool[b][real[b]] for b in range(ids.shape[0])]
+        if any(len(r) == 0 for r in rows):
+            rows = [r or [pad_id(self.tokenizer)] for r in rows]
+            flags = [f if f.numel() else torch.zeros(1, dtype=torch.bool) for f in flags]
+        q, valid = self._token_batch(self._observe_rows(rows), flags)
+        return self._route_span_queries(q, valid).to(ids.device)
+
+    def _route_span_queries(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        scores, keys = router.span_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
+        expert = router.per_key(self.key_expert, self.slot_key, keys)
+        threshold = router.per_key(self.slot_threshold, self.slot_key, keys) if cfg.null_route else None
+        return router.route_spans(scores, threshold, expert)
+
+    def _calibration_texts(self) -> list[str]:
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.calibration_texts is not None:
+            return list(cfg.calibration_texts)
+        knowns = [prompt for _, prompt, _ in KNOWNS] if cfg.route_key == "subject" else []
+        return list(GENERIC_PROMPTS) + knowns
+
     def _ensure_calibrated(self) -> None:
-        """Standardisation statistics and the null threshold, from generic text only (once)."""
+        """Standardisation statistics and the null threshold, from calibration text only (once)."""
         if self.route_mean is not None and self.threshold is not None:
             self._ensure_token_threshold()
             return
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        texts = cfg.calibration_texts if cfg.calibration_texts is not None else list(GENERIC_PROMPTS)
-        hidden = self._route_hidden(texts)
+        hidden = self._route_hidden(self._calibration_texts())
         self.route_mean, self.route_std = router.standardisation(hidden)
         q = self._pool(hidden)
-        self.threshold = router.calibrate_threshold(q, cfg.null_quantile, cfg.null_margin)
+        self.threshold = router.calibrate_threshold(q, cfg.null_quantile, self.null_margin)
+        if cfg.route_key == "subject":
+            self._calibration = self._token_batch(hidden, None)
         self._ensure_token_threshold(hidden)
+
+    def _calibration_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token vectors of the calibration text (route_key=subject; recomputed after a load)."""
+        self._ensure_calibrated()
+        if self._calibration is None:
+            self._calibration = self._token_batch(self._route_hidden(self._calibration_texts()), None)
+        return self._calibration
+
+    def _subject_keys(self, requests: Sequence[EditRequest]) -> list[torch.Tensor]:
+        """The unit token vectors of each request's subject span in its prompt (the whole prompt
+        when a request has no subject or the tokenizer gives no character offsets)."""
+        prompts = [r.prompt for r in requests]
+        try:
+            enc = self.tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=True)  # type: ignore[operator]
+            offsets = enc["offset_mapping"]
+        except (NotImplementedError, TypeError, KeyError, ValueError):
+            enc = self.tokenizer(prompts, add_special_tokens=True)  # type: ignore[operator]
+            offsets = None
+            warnings.warn("tokenizer gives no character offsets: LEMoE keys on whole prompts", stacklevel=3)
+        hidden = self._observe_rows(enc["input_ids"])
+        spans = []
+        for i, (r, h) in enumerate(zip(requests, hidden, strict=True)):
+            idx: list[int] = []
+            if r.subject and offsets is not None:
+                start = r.prompt.index(r.subject)
+                idx = router.span_from_offsets(list(offsets[i]), start, start + len(r.subject))
+            tokens = h[idx] if idx else h
+            spans.append(router.token_queries(tokens, self.route_mean, self.route_std))  # type: ignore[arg-type]
+        return spans
+
+    def _add_subject_keys(self, requests: Sequence[EditRequest], index: int) -> None:
+        """Append the keys of a batch (all routed to expert ``index``) with their thresholds."""
+        vecs, key, offset = router.span_slots(self._subject_keys(requests), self.next_key)
+        qc, vc = self._calibration_queries()
+        cal, _ = router.span_scores(qc, vc, vecs, key, offset)
+        threshold = router.span_thresholds(cal, self.null_margin)[key - self.next_key]
+        dev = self.keys.device
+        self.keys = torch.cat([self.keys, vecs.to(dev)])
+        self.key_expert = torch.cat([self.key_expert, torch.full_like(key, index).to(dev)])
+        self.slot_key = torch.cat([self.slot_key, key.to(dev)])
+        self.slot_offset = torch.cat([self.slot_offset, offset.to(dev)])
+        self.slot_threshold = torch.cat([self.slot_threshold, threshold.to(dev)])
+        self.next_key += len(requests)
 
     def _ensure_token_threshold(self, hidden: list[torch.Tensor] | None = None) -> None:
         """Token-level gating's threshold: how close a generic token gets to another generic
@@ -354,8 +495,7 @@ class LEMoE(EditMethod):
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         if cfg.routing != "token" or "token_threshold" in self._rt.extra:
             return
-        texts = cfg.calibration_texts if cfg.calibration_texts is not None else list(GENERIC_PROMPTS)
-        hidden = hidden if hidden is not None else self._route_hidden(texts)
+        hidden = hidden if hidden is not None else self._route_hidden(self._calibration_texts())
         q = self._pool(hidden)
         best = []
         for i, h in enumerate(hidden):
@@ -363,7 +503,7 @@ class LEMoE(EditMethod):
             s[:, i] = -1.0
             best.append(s.max(1).values)
         scores = torch.cat(best)
-        t = float(torch.quantile(scores, cfg.null_quantile)) + cfg.null_margin
+        t = float(torch.quantile(scores, cfg.null_quantile)) + self.null_margin
         self._rt.extra["token_threshold"] = min(t, 0.999)
 
     def _pool(self, hidden: list[torch.Tensor]) -> torch.Tensor:
@@ -389,6 +529,15 @@ class LEMoE(EditMethod):
         """The expert each prompt is routed to (``-1``: none), computed as at inference."""
         if self.keys.shape[0] == 0:
             return torch.full((len(prompts),), router.NULL, dtype=torch.long)
+        if self.config.route_key == "subject":  # type: ignore[attr-defined]
+            self._ensure_calibrated()
+            out = []
+            for i in range(0, len(prompts), 32):
+                enc = self.tokenizer(list(prompts[i : i + 32]), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+                hidden = self._observe_rows(enc)
+                q, valid = self._token_batch(hidden, None)
+                out.append(self._route_span_queries(q, valid).cpu())
+            return torch.cat(out)
         return self._route_queries(self.routing_embeddings(prompts)).cpu()
 
     @contextmanager
@@ -422,7 +571,8 @@ class LEMoE(EditMethod):
     def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         self._ensure_calibrated()
-        q = self.routing_embeddings([r.prompt for r in requests])
+        subject = cfg.route_key == "subject"
+        q = None if subject else self.routing_embeddings([r.prompt for r in requests])
         eos = getattr(self.tokenizer, "eos_token", None) if cfg.train_stop else None
         targets = [r.target_new + (eos or "") for r in requests]
         batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], targets)
@@ -442,11 +592,18 @@ class LEMoE(EditMethod):
             self.bank = self.bank.append(expert)
             self.expert_batches.append(self.batches_applied)
             self.expert_requests.append([r.request_id for r in requests])
+        if subject:
+            self._add_subject_keys(requests, index)
+            return self._apply_report(steps, loss_value, acc)
+        assert q is not None
         keys = q if cfg.anchor_keys == "request" else F.normalize(q.mean(0, keepdim=True), dim=-1)
         self.keys = torch.cat([self.keys, keys.to(self.keys)])
         self.key_expert = torch.cat(
             [self.key_expert, torch.full((keys.shape[0],), index, dtype=torch.long, device=self.key_expert.device)]
         )
+        return self._apply_report(steps, loss_value, acc)
+
+    def _apply_report(self, steps: int, loss_value: float, acc: float) -> dict[str, Any]:
         return {
             "steps": steps,
             "loss": loss_value,
@@ -510,6 +667,10 @@ class LEMoE(EditMethod):
         self.bank = self.bank.remove(p)
         keep = self.key_expert != p
         self.keys = self.keys[keep]
+        if self.slot_key.numel():
+            self.slot_key = self.slot_key[keep]
+            self.slot_offset = self.slot_offset[keep]
+            self.slot_threshold = self.slot_threshold[keep]
         ke = self.key_expert[keep]
         self.key_expert = torch.where(ke > p, ke - 1, ke)
         del self.expert_batches[p]
@@ -520,11 +681,27 @@ class LEMoE(EditMethod):
         return w * self.d_in + w + self.d_out * w + self.d_out
 
 
-def _validate(cfg: LEMoEConfig, layer: int, n_layers: int) -> None:
+def attn_mask_or_ones(attn: Any, b: int, t: int, device: torch.device) -> torch.Tensor:
+    """The forward's attention mask as booleans ``[B, T]`` (all ones when absent or odd-shaped)."""
+    if isinstance(attn, torch.Tensor) and attn.shape == (b, t):
+        return attn.bool()
+    return torch.ones(b, t, dtype=torch.bool, device=device)
+
+
+def _validate(cfg: LEMoEConfig, layer: int, n_layers: int, route_layer: int, null_margin: float) -> None:
     """Reject bad options before anything touches the model."""
     checks = [
         (0 <= layer < n_layers, f"layer {layer} out of range for a {n_layers}-layer model"),
-        (0 <= cfg.route_layer <= layer, f"route_layer must be in [0, layer={layer}], got {cfg.route_layer}"),
+        (
+            cfg.route_layer is None or 0 <= cfg.route_layer <= layer,
+            f"route_layer must be in [0, layer={layer}], got {cfg.route_layer}",
+        ),
+        (0 <= route_layer <= layer, f"route_layer must be in [0, layer={layer}]"),
+        (cfg.route_key in ("subject", "prompt"), "route_key must be subject or prompt"),
+        (
+            cfg.routing == "instance" or cfg.route_key == "prompt",
+            "routing=token compares tokens with prompt keys: use it with route_key=prompt",
+        ),
         (cfg.expert_width >= 1, "expert_width must be >= 1"),
         (cfg.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}"),
         (math.isfinite(cfg.scale), "scale must be finite"),
@@ -533,7 +710,7 @@ def _validate(cfg: LEMoEConfig, layer: int, n_layers: int) -> None:
         (cfg.routing in ("instance", "token"), "routing must be instance or token"),
         (cfg.anchor_keys in ("request", "centroid"), "anchor_keys must be request or centroid"),
         (0.0 <= cfg.null_quantile <= 1.0, "null_quantile must be in [0, 1]"),
-        (math.isfinite(cfg.null_margin), "null_margin must be finite"),
+        (math.isfinite(null_margin), "null_margin must be finite"),
         (cfg.lr > 0, "lr must be > 0"),
         (cfg.steps >= 1, "steps must be >= 1"),
         (cfg.extra_steps >= 0, "extra_steps must be >= 0"),

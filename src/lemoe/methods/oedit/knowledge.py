@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from lemoe.data.knowns import KNOWNS
 from lemoe.evaluation.scorers import logits_only_at
 from lemoe.methods.base import model_fingerprint
 from lemoe.methods.oedit.config import KnowledgeSource, Side
-from lemoe.methods.oedit.knowns import KNOWNS
 from lemoe.methods.training import LMBatch, build_lm_batch
 from lemoe.models.access import ModelAccess, projection_layout
 from lemoe.models.loading import cache_dir
