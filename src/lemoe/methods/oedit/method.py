@@ -27,11 +27,14 @@ option of :class:`~lemoe.methods.oedit.config.OEditConfig`:
    the fewest new singular vectors that, with the part of ``dW`` already in span(B), hold
    ``edit_energy`` (0.9) of ``||dW||_F^2`` join B_e, orthogonalised against everything stored (GPM's
    threshold rule, :func:`subspace.new_directions`).
-4. **B_k, pre-existing knowledge** (``knowledge_source``, ``knowledge_rank`` = q, ``knowledge_energy``):
-   the rank-q SVD (top eigenvectors of the second moment) of W_out's keys — or of per-fact
-   gradients — on ``knowledge_samples`` ROME "knowns" shipped in :mod:`.knowns`; computed once from
-   the unedited model, on the first edit. B_k comes first; B_e is orthogonalised against it, so the
-   stored columns ``[B_k | B_e]`` are jointly orthonormal.
+4. **B_k, pre-existing knowledge** (``knowledge_source``, ``knowledge_rank`` = q, ``knowledge_energy``,
+   ``knowledge_text``): the rank-q SVD (top eigenvectors of the second moment) of W_out's keys — or
+   of per-text NLL gradients — on generic text: by default the 200 ROME "knowns" packaged in
+   :mod:`lemoe.data.knowns`; ``knowledge_text="model"`` uses passages sampled from the model itself
+   by the locate core's cached sampler (offline, the issue's "model-generated text"); a text file or
+   ``KIND:PATH`` data spec uses the user's text (:mod:`.knowledge` says which tokens count and why).
+   Computed once from the unedited model, on the first edit. B_k comes first; B_e is orthogonalised
+   against it, so the stored columns ``[B_k | B_e]`` are jointly orthonormal.
 5. **O-Edit** (``mode="soft"``, registry ``oedit``): the edit loss plus ``ortho_weight`` times the
    fraction of the update's energy inside span(B_k ∪ B_e) (:func:`subspace.overlap_penalty`).
    **O-Edit+** (``mode="hard"``, registry ``oedit-plus``): the update is projected onto the
@@ -65,7 +68,12 @@ from lemoe.evaluation.scorers import logits_only_at
 from lemoe.methods.base import EditMethod, StateError
 from lemoe.methods.oedit import subspace
 from lemoe.methods.oedit.config import OEditConfig, OEditPlusConfig
-from lemoe.methods.oedit.knowledge import cached_knowledge_covariance, target_nll, target_positions
+from lemoe.methods.oedit.knowledge import (
+    cached_knowledge_covariance,
+    load_knowledge_text,
+    target_nll,
+    target_positions,
+)
 from lemoe.methods.training import build_lm_batch
 from lemoe.models.access import weight_as_out_in
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
@@ -102,6 +110,7 @@ class OEdit(EditMethod):
         self.dims = [w.shape[1] if cfg.side == "in" else w.shape[0] for w in self.original]
         self.limits = [int(cfg.max_rank_fraction * d) for d in self.dims]
         self.knowledge: list[torch.Tensor] | None = None  # B_k per layer, computed on the first edit
+        self.knowledge_info: dict[str, Any] = {}  # which text built B_k (its hash for passages)
         self.edits = [subspace.empty_basis(d) for d in self.dims]  # B_e per layer
         self.saturated = [False] * len(self.layers)
         self.rank_history: list[list[int]] = []  # directions added to B_e by each batch, per layer
@@ -118,15 +127,19 @@ class OEdit(EditMethod):
             return
         if self.batches_applied:
             raise StateError(f"{self.name}: B_k must come from the unedited model, but edits were applied")
+        text = load_knowledge_text(
+            self.model, self.tokenizer, cfg.knowledge_text, cfg.knowledge_count, cfg.knowledge_max_tokens
+        )
         covs = cached_knowledge_covariance(
             self.access,
             self.tokenizer,
             self.layers,
-            cfg.knowledge_samples,
+            text,
             source=cfg.knowledge_source,
             side=cfg.side,
             use_cache=cfg.cache_knowledge,
         )
+        self.knowledge_info = text.describe()
         self.knowledge = [
             subspace.top_eigenspace(covs[layer].cpu(), min(cfg.knowledge_rank, limit), cfg.knowledge_energy)
             for layer, limit in zip(self.layers, self.limits, strict=True)
@@ -335,6 +348,7 @@ class OEdit(EditMethod):
             "saturated": self.saturated,
             "rank_history": self.rank_history,
             "capacity": self.capacity(),
+            "knowledge_text": self.knowledge_info,
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -371,6 +385,7 @@ class OEdit(EditMethod):
                 weight_as_out_in(m).copy_(w0 + d.to(w0))
         self.knowledge, self.edits, self.saturated = knowledge, edits, [bool(s) for s in saturated]
         self.rank_history = [list(r) for r in meta.get("rank_history", [])]
+        self.knowledge_info = dict(meta.get("knowledge_text") or {})
         self._previous_update = [None] * len(self.layers)
         self.batches_applied = int(meta.get("batches_applied", 0))
 
