@@ -97,8 +97,7 @@ def test_frozen_experts_stay_bit_identical(tokenizer) -> None:
     assert method.route_prompts([r.prompt for r in EDITS]).tolist() == [0, 1, 2]
 
 
-def test_routing_identical_in_training_evaluation_and_generation(edited, tokenizer) -> None:
-    model, method = edited
+def _assert_routing_consistent(model, method, tokenizer) -> None:
     prompts = [r.prompt for r in EDITS] + UNRELATED
     expected = method.route_prompts(prompts)  # the computation that makes anchors at training time
     assert expected.tolist() == [0, 1, 2, NULL, NULL]
@@ -124,6 +123,19 @@ def test_routing_identical_in_training_evaluation_and_generation(edited, tokeniz
         model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     tokenizer.padding_side = "right"
     assert len(hf) == 1 and torch.equal(hf[0], expected)
+
+
+def test_routing_identical_in_training_evaluation_and_generation(edited, tokenizer) -> None:
+    _assert_routing_consistent(*edited, tokenizer)
+
+
+def test_routing_behind_a_separator_is_identical_too(tokenizer) -> None:
+    model = tiny_model("llama")
+    method = build_method("lemoe", model, tokenizer, {**OPTS, "route_prefix": True})
+    method.apply([EDITS[0]])
+    method.apply([EDITS[1]])
+    method.apply([EDITS[2]])
+    _assert_routing_consistent(model, method, tokenizer)
 
 
 def test_save_load_round_trip_on_fresh_model(edited, tokenizer, tmp_path) -> None:

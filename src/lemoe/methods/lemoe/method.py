@@ -278,7 +278,7 @@ class LEMoE(EditMethod):
         rt.pool_mask = mask
         rt.choice = None
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        if cfg.route_key == "subject" and rt.mode == "route" and self.n_experts > 0:
+        if cfg.route_key == "subject" and cfg.route_prefix and rt.mode == "route" and self.n_experts > 0:
             if ids is None:
                 return  # inputs_embeds only: no token ids to route on, so no expert
             self._ensure_calibrated()
@@ -300,14 +300,21 @@ class LEMoE(EditMethod):
         if rt.mode == "observe":
             rt.observed = h.detach()
             raise _Stop
-        if self.config.route_key == "subject":  # type: ignore[attr-defined]
-            return  # routed in the model pre-hook
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        if cfg.route_key == "subject" and cfg.route_prefix:
+            return  # routed in the model pre-hook (its own pass behind the separator)
         if self.n_experts == 0:
             rt.choice = None
             return
         self._ensure_calibrated()
         mask = rt.pool_mask if rt.pool_mask is not None and rt.pool_mask.shape == h.shape[:2] else None
-        if self.config.routing == "token":  # type: ignore[attr-defined]
+        if cfg.route_key == "subject":
+            valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            q = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
+            rt.choice = self._route_span_queries(q, valid)
+            if rt.record is not None:
+                rt.record.append(rt.choice.detach().cpu().clone())
+        elif cfg.routing == "token":
             rt.choice = self._route_tokens(h)
         else:
             mask = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
