@@ -160,12 +160,19 @@ def cmd_latency(args: argparse.Namespace) -> None:
             torch.nn.init.normal_(e.w2, std=1e-3, generator=g)
             method.bank = method.bank.append(e)
         if n:
-            # anchors: the prompts themselves, spread over the experts, so every sequence is routed
-            q = method.routing_embeddings([r.prompt for r in requests[: args.batch]])
-            method.keys = q
-            method.key_expert = torch.arange(len(q)) % n
+            # real keys: one edit per expert (ZsRE records 0..n-1, so the timed prompts 0..batch-1
+            # are among them and every sequence is routed: the worst case); the scoring cost grows
+            # with the number of keys as it would after n real edits
             method.expert_batches = list(range(n))
             method.expert_requests = [[] for _ in range(n)]
+            if method.config.route_key == "subject":
+                for i in range(n):
+                    method._add_subject_keys([requests[i % len(requests)]], i)
+            else:
+                q = method.routing_embeddings([r.prompt for r in requests[:n]])
+                method.keys, method.key_expert = q, torch.arange(n)
+        routed = method.route_prompts([r.prompt for r in requests[: args.batch]]) if n else None
+        assert routed is None or bool((routed >= 0).all()), "latency needs every timed prompt routed"
         base, edited = paired(method.forward_context)
         method.remove_hooks()
         rows.append({"experts": n, "base_cpu_s": base, "edited_cpu_s": edited, "ratio": edited / base})

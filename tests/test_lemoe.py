@@ -355,3 +355,13 @@ def test_prompt_keys_still_round_trip(tokenizer, tmp_path) -> None:
         build_method("lemoe", tiny_model("llama"), tokenizer, OPTS).load_state_dict(
             method.state_dict(), method.state_meta()
         )
+
+
+def test_train_prefixes_learn_the_edit_behind_unrelated_context(tokenizer) -> None:
+    model = tiny_model("llama")
+    method = build_method("lemoe", model, tokenizer, {**OPTS, "train_prefixes": 2, "steps": 80})
+    report = method.apply([EDITS[0]])
+    assert report.info["accuracy"] == 1.0  # every variant (bare + 2 prefixed) predicts the target
+    assert method.n_experts == 1 and method.route_prompts([EDITS[0].prompt]).tolist() == [0]
+    with pytest.raises(ValueError, match="train_prefixes"):
+        build_method("lemoe", tiny_model("llama"), tokenizer, {**OPTS, "train_prefixes": -1})

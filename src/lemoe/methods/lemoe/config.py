@@ -48,6 +48,8 @@ class LEMoEConfig(MethodConfig):
     extra_steps: int = 3  # more steps after the batch is learned (margin for generality)
     train_stop: bool = True  # also train the end-of-sequence token after the target, so greedy
     #   decoding stops after the answer (exact match); the scored target tokens are unchanged
+    train_prefixes: int = 0  # also train each edit behind this many unrelated generic sentences
+    #   (paraphrases often add context before the subject); 0 = the bare prompt only
     stop_accuracy: float = 1.0  # a batch is learned when every target token is predicted
     weight_decay: float = 0.0
     # -- order planning --------------------------------------------------------------------------

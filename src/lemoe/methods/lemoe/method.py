@@ -581,8 +581,12 @@ class LEMoE(EditMethod):
         subject = cfg.route_key == "subject"
         q = None if subject else self.routing_embeddings([r.prompt for r in requests])
         eos = getattr(self.tokenizer, "eos_token", None) if cfg.train_stop else None
+        prompts = [r.prompt for r in requests]
         targets = [r.target_new + (eos or "") for r in requests]
-        batch = build_lm_batch(self.tokenizer, [r.prompt for r in requests], targets)
+        for k in range(cfg.train_prefixes):  # the same edits behind unrelated context (generality)
+            prompts += [f"{_context(self.batches_applied, i, k)} {r.prompt}" for i, r in enumerate(requests)]
+            targets += [r.target_new + (eos or "") for r in requests]
+        batch = build_lm_batch(self.tokenizer, prompts, targets)
         batch = batch.to(self.access.device)
         gen = torch.Generator().manual_seed(cfg.seed + self.batches_applied)
         expert = Expert(self.d_in, self.d_out, cfg.expert_width, self.init_std, gen)
@@ -688,6 +692,11 @@ class LEMoE(EditMethod):
         return w * self.d_in + w + self.d_out * w + self.d_out
 
 
+def _context(batch: int, item: int, k: int) -> str:
+    """A deterministic unrelated sentence to put before an edit prompt (``train_prefixes``)."""
+    return GENERIC_PROMPTS[(batch * 7 + item * 3 + k * 11) % len(GENERIC_PROMPTS)]
+
+
 def attn_mask_or_ones(attn: Any, b: int, t: int, device: torch.device) -> torch.Tensor:
     """The forward's attention mask as booleans ``[B, T]`` (all ones when absent or odd-shaped)."""
     if isinstance(attn, torch.Tensor) and attn.shape == (b, t):
@@ -721,6 +730,7 @@ def _validate(cfg: LEMoEConfig, layer: int, n_layers: int, route_layer: int, nul
         (cfg.lr > 0, "lr must be > 0"),
         (cfg.steps >= 1, "steps must be >= 1"),
         (cfg.extra_steps >= 0, "extra_steps must be >= 0"),
+        (cfg.train_prefixes >= 0, "train_prefixes must be >= 0"),
         (0.0 < cfg.stop_accuracy <= 1.0, "stop_accuracy must be in (0, 1]"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (cfg.order in ("cluster", "arrival"), "order must be cluster or arrival"),
