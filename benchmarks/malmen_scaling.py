@@ -32,16 +32,9 @@ from lemoe.evaluation.scorers import encode_pairs
 from lemoe.methods import build_method
 from lemoe.methods.malmen.cache import KeyGradCache, collect
 from lemoe.models import load_model
+from lemoe.runner.runner import HEADLINE
 
-KEYS = [
-    "reliability.token_acc",
-    "generality.token_acc",
-    "locality.agreement",
-    "locality.token_acc",
-    "reliability.exact_match",
-    "generality.exact_match",
-    "locality.generation_agreement",
-]
+KEYS = [key for key, _ in HEADLINE]  # the runner's headline metrics
 
 
 def main() -> None:

@@ -42,17 +42,10 @@ from lemoe.models import load_model
 from lemoe.models.access import ModelAccess
 from lemoe.requests import EditRequest, InvalidRequestError, validate_request
 from lemoe.runner import Protocol, run_protocol
+from lemoe.runner.runner import HEADLINE as RUNNER_HEADLINE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-HEADLINE = (
-    "reliability.token_acc",
-    "generality.token_acc",
-    "locality.agreement",
-    "locality.token_acc",
-    "reliability.exact_match",
-    "generality.exact_match",
-    "locality.generation_agreement",
-)
+HEADLINE = tuple(key for key, _ in RUNNER_HEADLINE)  # the runner's headline metrics
 
 
 def load_edits(dataset: str, data_dir: Path) -> tuple[list[EditRequest], dict[str, Any]]:
