@@ -10,11 +10,11 @@ exactly):
 - a forward pre-hook on the model sees ``input_ids``/``attention_mask``/``past_key_values`` and
   decides which tokens are pooled (the prompt, when the evaluator says so through
   :meth:`forward_context`; otherwise every real token) and whether this is KV-cached decoding;
-- routing happens once per sequence at prefill; decoding steps keep that decision (also under HF
-  ``generate``). With ``route_key=subject`` (default) the model pre-hook runs the frozen blocks
-  below ``route_layer`` once more on the prompt behind a separator token and matches subject-span
-  keys against its tokens; with ``route_key=prompt`` a pre-hook on block ``route_layer`` pools that
-  block's input over the prompt tokens;
+- a forward pre-hook on block ``route_layer`` routes once per sequence at prefill; decoding steps
+  keep that decision (also under HF ``generate``). With ``route_key=subject`` (default) it slides
+  subject-span keys over that block's input at the prompt tokens; with ``route_key=prompt`` it pools
+  that input over the prompt tokens. (With ``route_prefix=true`` the model pre-hook instead runs the
+  blocks below ``route_layer`` once more on the prompt behind a separator token and routes on that.);
 - a forward pre-hook on the MLP's input projection captures ``x``; a forward hook on its output
   projection adds the chosen experts' output, gathered per sequence in one batched matmul.
 """
@@ -282,9 +282,7 @@ class LEMoE(EditMethod):
             if ids is None:
                 return  # inputs_embeds only: no token ids to route on, so no expert
             self._ensure_calibrated()
-            rt.choice = self._route_ids(ids, attn_mask_or_ones(attn, b, t, ids.device), mask)
-            if rt.record is not None:
-                rt.record.append(rt.choice.detach().cpu().clone())
+            self._decide(self._route_ids(ids, attn_mask_or_ones(attn, b, t, ids.device), mask))
 
     def _on_model_done(self, *_: Any) -> None:
         self._rt.active = False
@@ -311,16 +309,18 @@ class LEMoE(EditMethod):
         if cfg.route_key == "subject":
             valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
             q = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
-            rt.choice = self._route_span_queries(q, valid)
-            if rt.record is not None:
-                rt.record.append(rt.choice.detach().cpu().clone())
+            self._decide(self._route_span_queries(q, valid))
         elif cfg.routing == "token":
             rt.choice = self._route_tokens(h)
         else:
             mask = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-            rt.choice = self._route_queries(router.queries(h, mask, self.route_mean, self.route_std))
-            if rt.record is not None:
-                rt.record.append(rt.choice.detach().cpu().clone())
+            self._decide(self._route_queries(router.queries(h, mask, self.route_mean, self.route_std)))
+
+    def _decide(self, choice: torch.Tensor) -> None:
+        """Keep one per-sequence routing decision for this forward (and record it when asked)."""
+        self._rt.choice = choice
+        if self._rt.record is not None:
+            self._rt.record.append(choice.detach().cpu().clone())
 
     def _on_mlp_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._rt.mode in ("route", "train"):
@@ -540,9 +540,7 @@ class LEMoE(EditMethod):
             self._ensure_calibrated()
             out = []
             for i in range(0, len(prompts), 32):
-                enc = self.tokenizer(list(prompts[i : i + 32]), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-                hidden = self._observe_rows(enc)
-                q, valid = self._token_batch(hidden, None)
+                q, valid = self._token_batch(self._route_hidden(prompts[i : i + 32]), None)
                 out.append(self._route_span_queries(q, valid).cpu())
             return torch.cat(out)
         return self._route_queries(self.routing_embeddings(prompts)).cpu()
