@@ -132,6 +132,26 @@ def test_alpha_floor_and_static_alpha(tokenizer: object, cache: Path, corpus: st
         CoachHooKConfig(alpha_floor=3.0).validate()
 
 
+def test_without_scope_rule_hooks_act_at_every_token(tokenizer: object, cache: Path, corpus: str) -> None:
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus, scope_rule=False))
+    method.apply(BATCHES[0])
+    assert method.alphas == [2.2, 2.2]  # no scope rule: α is not used and never updated
+    ids = torch.tensor([[tokenizer("France")["input_ids"][-1]]])
+    texts = ["The capital of the country France is", "Hello there, how are you today?"]
+    with torch.no_grad():
+        unscoped = model(input_ids=ids).logits, logits(model, tokenizer, texts)
+        for h in method.hooks:
+            h.mode = "temporary"
+        temporary = model(input_ids=ids).logits, logits(model, tokenizer, texts)
+        with method.hooks_off():
+            base = model(input_ids=ids).logits
+    assert torch.equal(unscoped[0], temporary[0]) and torch.equal(unscoped[1], temporary[1])
+    assert not torch.equal(unscoped[0], base)  # even a one-token input takes the hook weights
+    with pytest.raises(ValueError, match="scope_rule"):
+        CoachHooKConfig(scope_rule="no").validate()  # type: ignore[arg-type]
+
+
 def test_consecutive_batches_accumulate_c_and_reset(tokenizer: object, cache: Path, corpus: str) -> None:
     model = tiny_model("gpt2")
     method = CoachHooK(model, tokenizer, config(corpus))

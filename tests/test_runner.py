@@ -74,6 +74,20 @@ def test_same_seed_same_numbers_and_chunks_reset(tokenizer, sample_requests) -> 
     assert torch.equal(model(input_ids=ids).logits, before)  # reset is exact, no reload needed
 
 
+def test_callbacks_see_every_step_and_evaluation_as_they_happen(tokenizer, sample_requests) -> None:
+    model = tiny_model("llama")
+    ev = Evaluator(model, tokenizer, exact_match=False)
+    method = build_method("ft-m", model, tokenizer, FT_FAST)
+    seen: list[tuple[str, int]] = []
+    record = run_protocol(
+        method, sample_requests, Protocol(edits=6, edits_per_step=1, evaluate="every:2"), ev, progress=False,
+        on_step=lambda e: seen.append(("step", e["step"])), on_eval=lambda e: seen.append(("eval", e["edits_so_far"])),
+    )  # fmt: skip
+    assert seen == [("step", 0), ("step", 1), ("eval", 2), ("step", 2), ("step", 3), ("eval", 4),
+                    ("step", 4), ("step", 5), ("eval", 6)]  # fmt: skip
+    assert [t["edits_so_far"] for t in record["timeline"]] == [2, 4, 6]
+
+
 def test_bad_batch_changes_nothing(tokenizer) -> None:
     model = tiny_model("llama")
     method = build_method("ft-m", model, tokenizer, FT_FAST)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     evaluator = Evaluator(
         model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, perplexity=args.ppl
     )
-    record = run_protocol(method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet)
+    progress: dict[str, Any] = {"status": "running", "method": args.method, "steps": [], "timeline": []}
+
+    def keep(key: str) -> Callable[[dict[str, Any]], None]:
+        # A long run keeps what it has measured in --out until the full record replaces it.
+        def add(entry: dict[str, Any]) -> None:
+            progress[key].append(entry)
+            write_results(progress, args.out)
+
+        return add
+
+    record = run_protocol(
+        method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet,
+        on_step=keep("steps") if args.out else None, on_eval=keep("timeline") if args.out else None,
+    )  # fmt: skip
     record["data"] = {**data_identity, "zsre_target": args.zsre_target}
     record["model"]["name"] = args.model
     if args.out:

@@ -89,8 +89,13 @@ def run_protocol(
     evaluate_pre: bool = True,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Apply ``protocol`` to ``method`` over ``requests``; return the results record (JSON-ready)."""
+    """Apply ``protocol`` to ``method`` over ``requests``; return the results record (JSON-ready).
+
+    ``on_step`` gets each edit step's log entry and ``on_eval`` each evaluation point's timeline
+    entry as they happen (the CLI uses them to keep a partial results file during long runs).
+    """
     torch.manual_seed(protocol.seed)
     ordered = protocol.order_requests(requests)
     context = method.forward_context
@@ -144,6 +149,8 @@ def run_protocol(
                         "aggregate": res.aggregate,
                     }
                 )
+                if on_eval is not None:
+                    on_eval(timeline[-1])
             eval_seconds += time.perf_counter() - t1
         if protocol.evaluate != "immediate":
             t1 = time.perf_counter()
@@ -154,6 +161,8 @@ def run_protocol(
             timeline.append(
                 {"chunk": chunk_index, "step": len(steps), "edits_so_far": len(chunk), "aggregate": res.aggregate}
             )
+            if on_eval is not None:
+                on_eval(timeline[-1])
     bar.close()
 
     per_request = [{"request_id": r.request_id, **final_scores[r.request_id]} for r in ordered]

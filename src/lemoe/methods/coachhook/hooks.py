@@ -6,7 +6,8 @@ The original projection always runs (``P = W_0 x``); the hook adds ``(W_h - W_0)
 (unpadded) tokens of a sequence, token ``t`` swaps when its z-score ``(M_t − mean M) / std M`` is at
 least ``α``. A sequence of one token has no spread, so it never swaps (nor does a generation step
 that feeds one new token; the edit acts on the prompt, whose keys reach later steps through the
-KV cache). Removing the hooks restores the base model exactly.
+KV cache). A hook built with ``scoped=False`` (the no-scope-rule ablation) always uses ``O``.
+Removing the hooks restores the base model exactly.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def zscores(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class HookLayer:
     """One edited output projection: its weight change, mode and threshold."""
 
-    def __init__(self, module: nn.Module, layer: int, alpha: float, masks: MaskSource) -> None:
+    def __init__(self, module: nn.Module, layer: int, alpha: float, masks: MaskSource, scoped: bool = True) -> None:
         w = weight_as_out_in(module)
         d_out, d_in = w.shape
         self.module = module
@@ -47,6 +48,7 @@ class HookLayer:
         self.mode: Mode = "validated"
         self.alpha = float(alpha)
         self.masks = masks
+        self.scoped = scoped  # False: validated behaves as temporary (no scope rule)
         self.record: list[torch.Tensor] | None = None  # per-row max z, while recording
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
@@ -54,7 +56,7 @@ class HookLayer:
             return None
         x = args[0]
         diff = x @ self.delta.to(x.dtype).T  # O - P
-        if self.mode == "temporary":
+        if self.mode == "temporary" or not self.scoped:
             return output + diff
         flat = diff.dim() == 2  # OPT runs its MLP on tokens flattened to [B*T, d]
         d3 = diff.reshape(self.masks.rows(diff.shape[0]), -1, diff.shape[-1]) if flat else diff

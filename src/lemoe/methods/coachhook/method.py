@@ -53,7 +53,7 @@ class CoachHooK(LocateEditMethod):
         cfg: CoachHooKConfig = self.config  # type: ignore[assignment]
         self.masks = MaskSource()
         self.hooks = [
-            HookLayer(m, layer, cfg.alpha_init, self.masks)
+            HookLayer(m, layer, cfg.alpha_init, self.masks, scoped=cfg.scope_rule)
             for layer, m in zip(self.layers, self.out_projs, strict=True)
         ]
         self.c_accu: dict[int, torch.Tensor] | None = None  # float64, CPU
@@ -127,7 +127,7 @@ class CoachHooK(LocateEditMethod):
                 norms.append(float(delta.norm()))
         finally:
             self._set_mode("validated")
-        if self.cfg.dynamic_alpha:
+        if self.cfg.dynamic_alpha and self.cfg.scope_rule:  # type: ignore[attr-defined]
             self.update_alpha(requests)
         write_seconds = time.perf_counter() - t0 - info["z_seconds"]
         return {**self.take_info(), **info, "delta_norms": norms, "write_seconds": write_seconds, "alpha": self.alphas}
