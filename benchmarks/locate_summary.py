@@ -25,13 +25,24 @@ COLUMNS = [
 ]
 
 
+def label(record: dict[str, Any]) -> str:
+    """The method's name, marked where a run is MEMIT-MASS or an ablation (options off their default)."""
+    name = record["method"]["name"]
+    p, options = record["protocol"], record["method"]["config"]
+    if name == "memit" and p["edits_per_step"] >= p["edits"]:
+        name = "memit-MASS"
+    if options.get("scope_rule") is False:
+        name += " (no scope rule)"
+    return name
+
+
 def summarise(record: dict[str, Any]) -> dict[str, Any]:
     steps = record["steps"]
     stats = sum(float(s["info"].get("stats_seconds", 0.0)) for s in steps)
     batch = [float(s["seconds"]) for s in steps]
     per_batch = (sum(batch) - stats) / max(len(batch), 1)
     return {
-        "method": record["method"]["name"],
+        "method": label(record),
         "options": {k: v for k, v in record["method"]["config"].items() if v is not None},
         "protocol": record["protocol"],
         "data": record.get("data", {}),
