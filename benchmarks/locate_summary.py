@@ -33,6 +33,8 @@ def label(record: dict[str, Any]) -> str:
         name = "memit-MASS"
     if options.get("scope_rule") is False:
         name += " (no scope rule)"
+    if options.get("alpha_floor") is not None:
+        name += f" (α floor {options['alpha_floor']})"
     return name
 
 
