@@ -137,3 +137,13 @@ def test_cli_run_ft_m_on_real_model(tmp_path, smollm2) -> None:
     assert agg["reliability.token_acc"] > pre["reliability.token_acc"] + 0.2
     assert 0.0 <= agg["locality.agreement"] <= 1.0
     assert record["data"]["kind"] == "zsre" and record["model"]["name"] == "smollm2-135m"
+
+
+def test_cli_eval_reads_a_partial_results_file(tmp_path, capsys) -> None:
+    path = tmp_path / "running.json"
+    steps = [{"step": 0, "n": 30}, {"step": 1, "n": 30}]
+    timeline = [{"edits_so_far": 60, "aggregate": {"reliability.token_acc": 0.5}}]
+    path.write_text(json.dumps({"status": "running", "method": "memit", "steps": steps, "timeline": timeline}))
+    assert cli_main(["eval", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "run in progress, 60 edits applied" in out and '"reliability.token_acc": 0.5' in out

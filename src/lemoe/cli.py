@@ -117,6 +117,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_file():
         record = json.loads(path.read_text())
+        if record.get("status") == "running":  # the partial file of a run still in progress
+            done = sum(int(s["n"]) for s in record["steps"])
+            print(f"{record['method']}: run in progress, {done} edits applied, {len(record['timeline'])} evaluation(s)")
+            for t in record["timeline"]:
+                scores = {k: round(v, 4) for k, v in t["aggregate"].items()}
+                print(f"  after {t['edits_so_far']} edits: {json.dumps(scores)}")
+            return 0
         print(format_table(record))
         return 0
     from lemoe.data import load_spec
