@@ -152,6 +152,59 @@ def test_without_scope_rule_hooks_act_at_every_token(tokenizer: object, cache: P
         CoachHooKConfig(scope_rule="no").validate()  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_relative_score_is_per_token(family: str, tokenizer: object, cache: Path, corpus: str) -> None:
+    """scope_score="relative": a token swaps when ‖ΔW x‖ / ‖W_0 x‖ ≥ α, whatever the rest of the
+    sequence is, so the full sequence and token-by-token decoding with a KV cache agree."""
+    model = tiny_model(family)
+    method = CoachHooK(model, tokenizer, config(corpus, scope_score="relative", alpha_init=1e6))
+    report = method.apply(BATCHES[0])
+    assert all(a < 1e6 for a in report.info["alpha"])  # the first batch's update sets α
+    for alpha, smax in zip(method.alphas, method.prompt_max_z(BATCHES[0]), strict=True):
+        assert bool((smax >= alpha - 1e-6).all())  # quantile 0: every edited prompt swaps
+    hook = method.hooks[0]
+    seen: list[torch.Tensor] = []
+    handle = hook.module.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach()))
+    ids = torch.tensor([tokenizer(BATCHES[0][0].prompt)["input_ids"]])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    handle.remove()
+    x = seen[0][0]
+    w0 = weight_as_out_in(hook.module)
+    bias = getattr(hook.module, "bias", None)
+    base_out = x @ w0.T + (bias if bias is not None else 0)
+    ratio = (x @ hook.delta.T).norm(dim=-1) / base_out.norm(dim=-1)
+    assert bool((ratio >= hook.alpha).any())  # the edited prompt swaps somewhere at the first layer
+    with torch.no_grad():  # the same logits token by token with a KV cache
+        out = model(input_ids=ids[:, :1], use_cache=True)
+        steps = [out.logits]
+        for t in range(1, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+    with method.hooks_off(), torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, full, atol=1e-4)
+
+
+def test_alpha_quantile_lets_weak_prompts_go(tokenizer: object, cache: Path, corpus: str) -> None:
+    batch = BATCHES[0] + BATCHES[1]
+    opts = {"scope_score": "relative", "alpha_init": 1e6}
+    strict = CoachHooK(tiny_model("llama"), tokenizer, config(corpus, **opts))
+    loose = CoachHooK(tiny_model("llama"), tokenizer, config(corpus, **opts, alpha_quantile=0.5))
+    strict.apply(batch)
+    loose.apply(batch)
+    assert all(q >= m for q, m in zip(loose.alphas, strict.alphas, strict=True))  # quantile ≥ minimum
+    smax = loose.prompt_max_z(batch, upto=0)[0]
+    assert loose.alphas[0] == pytest.approx(float(torch.quantile(smax.double(), 0.5)), rel=1e-5)
+    before = loose.alphas
+    loose.apply(BATCHES[2])
+    assert all(b <= a for a, b in zip(before, loose.alphas, strict=True))  # still never increases
+    with pytest.raises(ValueError, match="alpha_quantile"):
+        CoachHooKConfig(alpha_quantile=1.0).validate()
+    with pytest.raises(ValueError, match="scope_score"):
+        CoachHooKConfig(scope_score="norm").validate()
+
+
 def test_consecutive_batches_accumulate_c_and_reset(tokenizer: object, cache: Path, corpus: str) -> None:
     model = tiny_model("gpt2")
     method = CoachHooK(model, tokenizer, config(corpus))

@@ -1,4 +1,4 @@
-"""CoachHooK options: the locate-then-edit core's plus the scope threshold α."""
+"""CoachHooK options: the locate-then-edit core's plus the scope rule and its threshold α."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ class CoachHooKConfig(LocateConfig):
     # False: an ablation without the z-score scope rule; the hook weights act at every token (the
     # consecutive-batch update with C_accu alone, as in sequential MEMIT with accumulated keys).
     scope_rule: bool = True
+    # What a token's swap is judged on. "zscore" (the paper): z-score of ‖(W_h − W_0) x_t‖ over the
+    # sequence's tokens ≥ α. "relative" (lemoe's alternative): ‖(W_h − W_0) x_t‖ / ‖W_0 x_t‖ ≥ α, a
+    # per-token test (no dependence on the rest of the sequence; one-token inputs can swap). With
+    # "relative" α starts at alpha_init too: the default 2.2 (a 220 % change of the projection's
+    # output) is above every ratio measured on SmolLM2, so the first batch's dynamic update sets it.
+    scope_score: str = "zscore"
+    # Dynamic α uses this quantile of the batch's per-prompt largest scores: 0.0 = the minimum (the
+    # paper's rule: every edited prompt swaps somewhere); 0.1 lets the weakest 10 % of a batch's
+    # prompts go without a swap at a layer, so one weak prompt cannot pull α down for everyone.
+    alpha_quantile: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -25,6 +35,11 @@ class CoachHooKConfig(LocateConfig):
             not isinstance(self.alpha_floor, (int, float)) or not self.alpha_floor <= self.alpha_init
         ):
             raise ValueError(f"alpha_floor must be a number <= alpha_init, got {self.alpha_floor!r}")
+        if self.scope_score not in ("zscore", "relative"):
+            raise ValueError(f"scope_score must be 'zscore' or 'relative', got {self.scope_score!r}")
+        q = self.alpha_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q < 1.0:
+            raise ValueError(f"alpha_quantile must be a number in [0, 1), got {q!r}")
         for name in ("dynamic_alpha", "scope_rule"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

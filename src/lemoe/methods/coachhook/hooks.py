@@ -7,6 +7,9 @@ The original projection always runs (``P = W_0 x``); the hook adds ``(W_h - W_0)
 least ``α``. A sequence of one token has no spread, so it never swaps (nor does a generation step
 that feeds one new token; the edit acts on the prompt, whose keys reach later steps through the
 KV cache). A hook built with ``scoped=False`` (the no-scope-rule ablation) always uses ``O``.
+With ``score="relative"`` (an alternative to the paper's rule) token ``t`` swaps when
+``‖O_t − P_t‖ / ‖P_t‖ ≥ α``: a per-token test that does not look at the rest of the sequence, so
+teacher forcing and step-by-step generation decide alike and one-token inputs can swap.
 Removing the hooks restores the base model exactly.
 """
 
@@ -20,6 +23,7 @@ from torch import nn
 from lemoe.models.access import weight_as_out_in
 
 Mode = Literal["validated", "temporary"]
+Score = Literal["zscore", "relative"]
 
 
 def zscores(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -38,7 +42,15 @@ def zscores(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class HookLayer:
     """One edited output projection: its weight change, mode and threshold."""
 
-    def __init__(self, module: nn.Module, layer: int, alpha: float, masks: MaskSource, scoped: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        layer: int,
+        alpha: float,
+        masks: MaskSource,
+        scoped: bool = True,
+        score: Score = "zscore",
+    ) -> None:
         w = weight_as_out_in(module)
         d_out, d_in = w.shape
         self.module = module
@@ -49,7 +61,8 @@ class HookLayer:
         self.alpha = float(alpha)
         self.masks = masks
         self.scoped = scoped  # False: validated behaves as temporary (no scope rule)
-        self.record: list[torch.Tensor] | None = None  # per-row max z, while recording
+        self.score = score
+        self.record: list[torch.Tensor] | None = None  # per-row max score, while recording
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not self.active:
@@ -62,7 +75,12 @@ class HookLayer:
         d3 = diff.reshape(self.masks.rows(diff.shape[0]), -1, diff.shape[-1]) if flat else diff
         m = d3.float().norm(dim=-1)  # [B, T]
         valid = self.masks.valid(m.shape, m.device)
-        z = zscores(m, valid)
+        if self.score == "zscore":
+            z = zscores(m, valid)
+        else:
+            base = output.reshape(d3.shape) if flat else output
+            ratio = m / base.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+            z = torch.where(valid, ratio, torch.full_like(ratio, float("-inf")))
         if self.record is not None:
             self.record.append(z.max(-1).values.detach().cpu())
         swap = (torch.isfinite(z) & (z >= self.alpha)).unsqueeze(-1).to(diff.dtype)  # undefined z: never

@@ -9,6 +9,10 @@ accumulated key covariance ``C_accu`` (starts at ``λ C0``) and the threshold ``
    ``Δ = R Kᵀ (C_accu + K Kᵀ)⁻¹``, ``W_h += Δ``, ``C_accu += K Kᵀ``, hook becomes validated;
 4. dynamic α: run the batch's prompts and set ``α ← min(α, min_i max_t z_it)`` per layer, so every
    edited prompt swaps at least one token in every layer (α never increases).
+
+Options beyond the paper (see ``config.py``): ``scope_score="relative"`` judges a token by the
+hook's change relative to the original output instead of a z-score over the sequence, and
+``alpha_quantile`` replaces the minimum over the batch's prompts by a low quantile.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class CoachHooK(LocateEditMethod):
         cfg: CoachHooKConfig = self.config  # type: ignore[assignment]
         self.masks = MaskSource()
         self.hooks = [
-            HookLayer(m, layer, cfg.alpha_init, self.masks, scoped=cfg.scope_rule)
+            HookLayer(m, layer, cfg.alpha_init, self.masks, scoped=cfg.scope_rule, score=cfg.scope_score)  # type: ignore[arg-type]
             for layer, m in zip(self.layers, self.out_projs, strict=True)
         ]
         self.c_accu: dict[int, torch.Tensor] | None = None  # float64, CPU
@@ -154,12 +158,14 @@ class CoachHooK(LocateEditMethod):
                 h.record = None
 
     def update_alpha(self, requests: Sequence[EditRequest]) -> None:
-        """α_l ← min(α_l, min_i max_t z_it) over prompts where a z-score exists (never increases).
+        """α_l ← min(α_l, min_i max_t z_it) over prompts where a z-score exists (never increases);
+        with ``alpha_quantile`` q > 0 the q-quantile over prompts replaces the minimum.
 
         Layers are updated from the bottom: a lower α changes which tokens swap below, and so the
         z-scores above, so each layer is measured with the final thresholds of the layers below.
         """
         floor = self.cfg.alpha_floor  # type: ignore[attr-defined]
+        q = float(self.cfg.alpha_quantile)  # type: ignore[attr-defined]
         for index, hook in enumerate(self.hooks):
             if not hook.active:
                 continue
@@ -167,7 +173,8 @@ class CoachHooK(LocateEditMethod):
             defined = zmax[torch.isfinite(zmax)]
             if defined.numel() == 0:
                 continue
-            new = min(hook.alpha, float(defined.min()))
+            level = float(defined.min()) if q == 0.0 else float(torch.quantile(defined.double(), q))
+            new = min(hook.alpha, level)
             hook.alpha = max(new, floor) if floor is not None else new
 
     def reset(self) -> None:
