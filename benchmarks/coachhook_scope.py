@@ -7,7 +7,14 @@ which positions swap (first token, subject's last token, elsewhere), how far the
 stands out, and what alternative scope rules would have done on the same activations (offline: the
 layers above still see the real swaps of the layers below).
 
-Usage: python benchmarks/coachhook_scope.py STATE_DIR --data counterfact:FILE --edits N [--json OUT]
+With ``--rescope SCORE:Q ...`` it also re-scores the saved edits under other scope rules: per
+layer from the bottom, α = the running minimum over the stream's batches (``--batch``) of the
+Q-quantile of each prompt's largest score (what ``alpha_quantile=Q`` does during editing), then
+Rel/Gen/Loc by the standard evaluator. Offline: the hook weights are the saved run's, so this
+ranks rules; a real run with the option gives the numbers to report.
+
+Usage: python benchmarks/coachhook_scope.py STATE_DIR --data counterfact:FILE --edits N
+       [--batch 30] [--rescope zscore:0.0 relative:0.1 ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 import torch
 
 from lemoe.data import load_spec
+from lemoe.evaluation import Evaluator
 from lemoe.evaluation.scorers import encode_pairs
 from lemoe.methods import load_method
 from lemoe.methods.coachhook.hooks import zscores
@@ -125,11 +133,45 @@ def summarise(method: Any, edit_ids: list[list[int]], subj_pos: list[int], loc_i
     return out
 
 
+def rescope(method: Any, requests: list[Any], batch: int, rules: list[str]) -> list[dict[str, Any]]:
+    """Evaluate the saved hook weights under other scope rules (see the module docstring)."""
+    evaluator = Evaluator(method.model, method.tokenizer, exact_match=False)
+    with method.hooks_off():
+        reference = evaluator.reference(requests)
+    rows = [
+        {
+            "rule": "saved",
+            "alpha": method.alphas,
+            **evaluator.evaluate(requests, reference, method.forward_context).aggregate,
+        }
+    ]
+    saved = [(h.score, h.alpha) for h in method.hooks]
+    for rule in rules:
+        score, _, q = rule.partition(":")
+        for h in method.hooks:
+            h.score, h.alpha = score, float("inf")
+        for i, h in enumerate(method.hooks):
+            smax = method.prompt_max_z(requests, upto=i)[-1]
+            h.alpha = min(
+                float(torch.quantile(part[torch.isfinite(part)].double(), float(q)))
+                for part in smax.split(batch)
+                if torch.isfinite(part).any()
+            )
+        agg = evaluator.evaluate(requests, reference, method.forward_context).aggregate
+        rows.append({"rule": rule, "alpha": method.alphas, **agg})
+        print(json.dumps({k: v for k, v in rows[-1].items() if "exact" not in k}), flush=True)
+    for h, (score, alpha) in zip(method.hooks, saved, strict=True):
+        h.score, h.alpha = score, alpha
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("state")
     parser.add_argument("--data", required=True)
     parser.add_argument("--edits", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=30, help="edits per batch of the saved run")
+    parser.add_argument("--rescope", nargs="*", default=[], metavar="SCORE:Q")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tok = load_model()
@@ -143,6 +185,8 @@ def main() -> None:
     loc_ids = [list(e.prompt_ids + e.answer_ids) for e in enc]
     result = summarise(method, edit_ids, subj_pos, loc_ids)
     result.update({"state": args.state, "data": args.data, "edits": args.edits})
+    if args.rescope:
+        result["rescope"] = rescope(method, requests, args.batch, args.rescope)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
