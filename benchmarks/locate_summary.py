@@ -35,6 +35,13 @@ def label(record: dict[str, Any]) -> str:
         name += " (no scope rule)"
     if options.get("alpha_floor") is not None:
         name += f" (α floor {options['alpha_floor']})"
+    if options.get("scope_score", "zscore") != "zscore":
+        name += f" ({options['scope_score']}"
+        name += f", Q {options['alpha_quantile']})" if options.get("alpha_quantile") else ")"
+    elif options.get("alpha_quantile"):
+        name += f" (Q {options['alpha_quantile']})"
+    if name.startswith("memit") and options.get("mom2_weight") is not None:
+        name += f" (λ {options['mom2_weight']:g})"
     return name
 
 
