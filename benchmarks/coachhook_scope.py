@@ -10,8 +10,10 @@ layers above still see the real swaps of the layers below).
 With ``--rescope SCORE:Q ...`` it also re-scores the saved edits under other scope rules: per
 layer from the bottom, α = the running minimum over the stream's batches (``--batch``) of the
 Q-quantile of each prompt's largest score (what ``alpha_quantile=Q`` does during editing), then
-Rel/Gen/Loc by the standard evaluator. Offline: the hook weights are the saved run's, so this
-ranks rules; a real run with the option gives the numbers to report.
+Rel/Gen/Loc by the standard evaluator. ``null:P`` instead sets α per layer to the P-quantile of
+the relative change over every token of generic text (the method's statistics corpus): a threshold
+calibrated on unrelated text rather than on the edits (not a method option yet). Offline: the hook
+weights are the saved run's, so this ranks rules; a real run with an option gives the numbers.
 
 Usage: python benchmarks/coachhook_scope.py STATE_DIR --data counterfact:FILE --edits N
        [--batch 30] [--rescope zscore:0.0 relative:0.1 ...] [--json OUT]
@@ -31,6 +33,7 @@ from lemoe.evaluation.scorers import encode_pairs
 from lemoe.methods import load_method
 from lemoe.methods.coachhook.hooks import zscores
 from lemoe.methods.locate.positions import sites
+from lemoe.methods.locate.stats import load_corpus
 from lemoe.models import load_model
 from lemoe.models.access import weight_as_out_in
 
@@ -133,6 +136,12 @@ def summarise(method: Any, edit_ids: list[list[int]], subj_pos: list[int], loc_i
     return out
 
 
+def null_alpha(method: Any, texts: list[list[int]], index: int, q: float) -> float:
+    """The q-quantile of the relative change at hook ``index`` over every token of ``texts``."""
+    ratios = relative_scores(method, record_inputs(method, texts))[index]
+    return float(torch.quantile(torch.cat(ratios).double(), q))
+
+
 def rescope(method: Any, requests: list[Any], batch: int, rules: list[str]) -> list[dict[str, Any]]:
     """Evaluate the saved hook weights under other scope rules (see the module docstring)."""
     evaluator = Evaluator(method.model, method.tokenizer, exact_match=False)
@@ -146,11 +155,22 @@ def rescope(method: Any, requests: list[Any], batch: int, rules: list[str]) -> l
         }
     ]
     saved = [(h.score, h.alpha) for h in method.hooks]
+    generic: list[list[int]] = []
+    if any(r.startswith("null:") for r in rules):
+        cfg = method.cfg
+        with method.hooks_off():
+            texts = load_corpus(
+                cfg.stats_corpus, method.model, method.tokenizer, cfg.stats_samples, cfg.stats_max_tokens
+            )
+        generic = [method.tokenizer(t)["input_ids"][: cfg.stats_max_tokens] for t in texts]
     for rule in rules:
         score, _, q = rule.partition(":")
         for h in method.hooks:
-            h.score, h.alpha = score, float("inf")
+            h.score, h.alpha = ("relative" if score == "null" else score), float("inf")
         for i, h in enumerate(method.hooks):
+            if score == "null":
+                h.alpha = null_alpha(method, generic, i, float(q))
+                continue
             smax = method.prompt_max_z(requests, upto=i)[-1]
             h.alpha = min(
                 float(torch.quantile(part[torch.isfinite(part)].double(), float(q)))
