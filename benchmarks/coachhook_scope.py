@@ -61,7 +61,8 @@ def layer_scores(method: Any, inputs: list[list[torch.Tensor]]) -> list[list[tor
 
 
 def relative_scores(method: Any, inputs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Per layer, per sequence: M_t / ‖W_0 x_t‖ (the hook's change relative to the original output)."""
+    """Per layer, per sequence: M_t / ‖W_0 x_t‖ (the hook's change relative to the original output;
+    the projection's bias, absent on Llama-family models, is left out)."""
     out = []
     for h, xs in zip(method.hooks, inputs, strict=True):
         w0 = weight_as_out_in(h.module)
@@ -132,7 +133,6 @@ def summarise(method: Any, edit_ids: list[list[int]], subj_pos: list[int], loc_i
             }
         out["layers"].append(row)
         print(json.dumps(row), flush=True)
-        del li
     return out
 
 
