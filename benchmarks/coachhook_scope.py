@@ -31,7 +31,7 @@ from lemoe.data import load_spec
 from lemoe.evaluation import Evaluator
 from lemoe.evaluation.scorers import encode_pairs
 from lemoe.methods import load_method
-from lemoe.methods.coachhook.hooks import zscores
+from lemoe.methods.coachhook.hooks import relative_change, zscores
 from lemoe.methods.locate.positions import sites
 from lemoe.methods.locate.stats import load_corpus
 from lemoe.models import load_model
@@ -61,12 +61,16 @@ def layer_scores(method: Any, inputs: list[list[torch.Tensor]]) -> list[list[tor
 
 
 def relative_scores(method: Any, inputs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Per layer, per sequence: M_t / ‖W_0 x_t‖ (the hook's change relative to the original output;
-    the projection's bias, absent on Llama-family models, is left out)."""
+    """Per layer, per sequence: the hook's relative change ``M_t / ‖W_0 x_t + b‖`` (as the hook
+    computes it with ``scope_score="relative"``)."""
     out = []
     for h, xs in zip(method.hooks, inputs, strict=True):
-        w0 = weight_as_out_in(h.module)
-        out.append([(x @ h.delta.T).norm(dim=-1) / (x @ w0.T).norm(dim=-1).clamp(min=1e-6) for x in xs])
+        w0, bias = weight_as_out_in(h.module), getattr(h.module, "bias", None)
+        rows = []
+        for x in xs:
+            base = x @ w0.T + (bias if bias is not None else 0)
+            rows.append(relative_change((x @ h.delta.T).norm(dim=-1), base, torch.ones(len(x), dtype=torch.bool)))
+        out.append(rows)
     return out
 
 
@@ -105,15 +109,6 @@ def summarise(method: Any, edit_ids: list[list[int]], subj_pos: list[int], loc_i
                 "loc_swap_share_keep90": separation(at_subj, loc_max, 0.9),
                 "loc_swap_share_keep75": separation(at_subj, loc_max, 0.75),
             }
-        ze_all = [z_of(m) for m in me]
-        zl_all = [z_of(m) for m in ml]
-        row["z_separation"] = {
-            "loc_swap_share_keep90": separation(
-                torch.tensor([float(z[p]) for z, p in zip(ze_all, subj_pos, strict=True)]),
-                torch.tensor([float(z.max()) for z in zl_all]),
-                0.9,
-            ),
-        }
         for skip in (False, True):
             tag = "skip_first" if skip else "paper"
             ze = [z_of(m, skip) for m in me]
@@ -131,6 +126,8 @@ def summarise(method: Any, edit_ids: list[list[int]], subj_pos: list[int], loc_i
                 "edit_swap_share_at_alpha": float((z_max_edit >= h.alpha).float().mean()),
                 "loc_first_token_swaps": float(torch.tensor([float(z[0] >= h.alpha) for z in zl]).mean()),
             }
+            if not skip:
+                row["z_separation"] = {"loc_swap_share_keep90": separation(z_subj, z_max_loc, 0.9)}
         out["layers"].append(row)
         print(json.dumps(row), flush=True)
     return out

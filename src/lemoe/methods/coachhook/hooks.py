@@ -39,6 +39,13 @@ def zscores(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, z, torch.full_like(z, float("-inf")))
 
 
+def relative_change(m: torch.Tensor, base: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-token ``m / ‖base‖`` (the hook's change relative to the projection's own output);
+    ``-inf`` at padding."""
+    ratio = m / base.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(valid, ratio, torch.full_like(ratio, float("-inf")))
+
+
 class HookLayer:
     """One edited output projection: its weight change, mode and threshold."""
 
@@ -78,9 +85,7 @@ class HookLayer:
         if self.score == "zscore":
             z = zscores(m, valid)
         else:
-            base = output.reshape(d3.shape) if flat else output
-            ratio = m / base.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
-            z = torch.where(valid, ratio, torch.full_like(ratio, float("-inf")))
+            z = relative_change(m, output.reshape(d3.shape) if flat else output, valid)
         if self.record is not None:
             self.record.append(z.max(-1).values.detach().cpu())
         swap = (torch.isfinite(z) & (z >= self.alpha)).unsqueeze(-1).to(diff.dtype)  # undefined z: never
