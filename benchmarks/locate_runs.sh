@@ -16,13 +16,14 @@ shift $(( $# < 5 ? $# : 5 ))
 EXTRA=("$@")
 NAME=$(echo "$DATA" | cut -d: -f1)
 mkdir -p "$OUT"
-LEMOE="$(dirname "$0")/../.venv/bin/lemoe"
+# LEMOE (environment) overrides the command, e.g. LEMOE="python3 -m lemoe" where no venv exists.
+read -r -a LEMOE <<< "${LEMOE:-$(dirname "$0")/../.venv/bin/lemoe}"
 for METHOD in ${METHODS:-coachhook memit alphaedit memit-mass}; do
   if [ "$METHOD" = memit-mass ]; then  # every edit in one batch on the unedited model
-    nice -n 5 "$LEMOE" run --model smollm2-135m --method memit --data "$DATA" --edits "$EDITS" \
+    nice -n 5 "${LEMOE[@]}" run --model smollm2-135m --method memit --data "$DATA" --edits "$EDITS" \
       --edits-per-step "$EDITS" --eval final --out "$OUT/$NAME-memit-mass-$EDITS.json" "${EXTRA[@]}"
   else
-    nice -n 5 "$LEMOE" run --model smollm2-135m --method "$METHOD" --data "$DATA" --edits "$EDITS" \
+    nice -n 5 "${LEMOE[@]}" run --model smollm2-135m --method "$METHOD" --data "$DATA" --edits "$EDITS" \
       --edits-per-step "$BATCH" --eval "every:$EVERY" --out "$OUT/$NAME-$METHOD-$EDITS-b$BATCH.json" "${EXTRA[@]}"
   fi
 done

@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,16,64,256,1024")
     ap.add_argument("--eval-edits", type=int, default=64)
     ap.add_argument("--methods", default="malmen,mend-sum")
+    ap.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-exact-match", action="store_true", help="skip greedy exact-match scoring (faster)")
     args = ap.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
 
     requests = load_requests("counterfact", args.data)[:n_max]
     evaluated = requests[: args.eval_edits]
-    model, tok = load_model()
+    model, tok = load_model(device=args.device)
     evaluator = Evaluator(model, tok, exact_match=not args.no_exact_match)
     methods = {name: build_method(name, model, tok, {"editor": args.editor}) for name in args.methods.split(",")}
     first = next(iter(methods.values()))

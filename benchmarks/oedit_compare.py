@@ -83,7 +83,7 @@ def retention(model: torch.nn.Module, tok: Any, facts: list[tuple[str, str]], te
     acc = token_accuracy(argmax, pairs)
     nll_sum, n_tok = 0.0, 0
     for i in range(0, len(texts), 16):
-        enc = tok(texts[i : i + 16], return_tensors="pt", padding=True)
+        enc = tok(texts[i : i + 16], return_tensors="pt", padding=True).to(model.device)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         labels = enc.input_ids[:, 1:]
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retention-n", type=int, default=100)
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--no-exact-match", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     p.add_argument("--out", required=True, help="summary JSON (appended to if it exists)")
     args = p.parse_args(argv)
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             options.setdefault(name, {})[key] = value
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     access = ModelAccess(model)
     checksum = weights_checksum(access)
     facts, texts = retention_sets(data_dir, args.retention_n)
