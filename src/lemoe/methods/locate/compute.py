@@ -215,8 +215,8 @@ def _compute_z_chunk(
         ) -> Any:
             h = _first(output)
             if first:
-                bare = first_row.to(device)
-                init.copy_(h[row_map[bare].to(device), b.index[bare].to(device)].detach().float())
+                # index on the CPU (where the row bookkeeping lives), then move the indices
+                init.copy_(h[row_map[first_row].to(device), b.index[first_row].to(device)].detach().float())
             add = torch.zeros_like(h).index_put((torch.arange(len(own), device=device), idx), delta[own].to(h.dtype))
             h = h + add
             return (h, *output[1:]) if isinstance(output, tuple) else h

@@ -31,7 +31,7 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64).reshape(-1, self.mean.numel())
+        x = x.detach().to(self.mean.device, torch.float64).reshape(-1, self.mean.numel())  # the cache may be on CPU
         n = x.shape[0]
         if n == 0:
             return
