@@ -31,7 +31,7 @@ def alphaedit_delta(
 ) -> torch.Tensor:
     """``[d_out, d_in]`` update; solved in float64."""
     k, p = keys.double(), projection.double()
-    eye = torch.eye(p.shape[0], dtype=torch.float64)
+    eye = torch.eye(p.shape[0], dtype=torch.float64, device=p.device)
     a = p @ (cache_c.double() + k.T @ k) + l2 * eye
     return torch.linalg.solve(a, p @ k.T @ resid.double()).T
 
@@ -45,7 +45,10 @@ class AlphaEdit(MEMIT):
         self._projections: dict[int, torch.Tensor] | None = None
         self.null_dims: dict[int, int] = {}
         d_in = {layer: m.shape[1] for layer, m in zip(self.layers, self.originals, strict=True)}
-        self.cache_c = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64) for layer in self.layers}
+        self.cache_c = {
+            layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64, device=self.access.device)
+            for layer in self.layers
+        }
 
     def projections(self) -> dict[int, torch.Tensor]:
         if self._projections is None:

@@ -216,5 +216,7 @@ class CoachHooK(LocateEditMethod):
             h.mode = "validated"
             h.alpha = float(a)
         self.c_accu = (
-            {layer: state[f"c_accu.{layer}"].double().clone() for layer in self.layers} if all(has_c) else None
+            {layer: state[f"c_accu.{layer}"].to(self.access.device, torch.float64) for layer in self.layers}
+            if all(has_c)
+            else None
         )

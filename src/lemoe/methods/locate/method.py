@@ -43,13 +43,14 @@ class LocateEditMethod(EditMethod):
         return self.config  # type: ignore[return-value]
 
     def mom2(self) -> dict[int, torch.Tensor]:
-        """``C0`` per edited layer (float64, CPU); computed or read from the disk cache once."""
+        """``C0`` per edited layer (float64, on the model's device); computed or read from the disk cache once."""
         if self._mom2 is None:
             c = self.cfg
-            self._mom2, report = layer_stats(
+            mom2, report = layer_stats(
                 self.model, self.access, self.tokenizer, self.layers, c.stats_corpus, c.stats_samples,
                 c.stats_max_tokens, c.stats_batch_size, c.seed,
             )  # fmt: skip
+            self._mom2 = {layer: m.to(self.access.device) for layer, m in mom2.items()}
             self._pending_info.update(report)
         return self._mom2
 
