@@ -11,6 +11,7 @@ import torch
 from lemoe.methods import build_method, load_method
 from lemoe.methods.base import StateError
 from lemoe.methods.coachhook import CoachHooK, CoachHooKConfig, zscores
+from lemoe.methods.coachhook.hooks import key_similarity, whitened_unit, whitening
 from lemoe.models import weight_as_out_in
 from lemoe.requests import EditRequest
 from lemoe.testing import tiny_model
@@ -203,6 +204,48 @@ def test_alpha_quantile_lets_weak_prompts_go(tokenizer: object, cache: Path, cor
         CoachHooKConfig(alpha_quantile=1.0).validate()
     with pytest.raises(ValueError, match="scope_score"):
         CoachHooKConfig(scope_score="norm").validate()
+
+
+def test_key_similarity_whitened_cosine() -> None:
+    torch.manual_seed(0)
+    keys = torch.randn(3, 6)
+    x = torch.randn(50, 6)
+    mom2 = x.T @ x / 50
+    whiten = whitening(mom2)
+    lower = torch.linalg.cholesky(mom2.double() + 1e-6 * float(mom2.diagonal().mean()) * torch.eye(6))
+    torch.testing.assert_close(whiten.double() @ lower, torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    stored = whitened_unit(keys, whiten)
+    probe = torch.stack([keys[1] * 3.0, torch.randn(6)])[None]  # a stored key (any scale) and another
+    sim = key_similarity(probe, whiten, stored, torch.tensor([[True, False]]))
+    assert sim[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert torch.isinf(sim[0, 1]) and sim[0, 1] < 0  # padding never swaps
+
+
+def test_key_scope_rule_edits_and_round_trips(tokenizer: object, cache: Path, corpus: str, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus, scope_score="key"))
+    method.apply(BATCHES[0])
+    assert all(h.keys is not None and h.keys.shape[0] == len(BATCHES[0]) for h in method.hooks)
+    assert all(-1.0 <= a <= 1.0 for a in method.alphas)  # α is a cosine, set by the first batch
+    zmax = method.prompt_max_z(BATCHES[0])
+    assert all(bool((z >= h.alpha - 1e-6).all()) for z, h in zip(zmax, method.hooks, strict=True))
+    method.apply(BATCHES[1])
+    assert all(h.keys.shape[0] == len(BATCHES[0]) + len(BATCHES[1]) for h in method.hooks)
+    texts = ["The capital of the country France is", "Who wrote the famous play Hamlet?"]
+    expected = logits(model, tokenizer, texts)
+    method.save_pretrained(tmp_path / "key")
+    fresh = tiny_model("llama")
+    loaded = load_method(str(tmp_path / "key"), fresh, tokenizer)
+    torch.testing.assert_close(logits(fresh, tokenizer, texts), expected)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(loaded.hooks, method.hooks, strict=True))
+    state = method.state_dict()
+    del state[f"keys.{method.layers[0]}"]
+    with pytest.raises(StateError, match="keys"):
+        CoachHooK(tiny_model("llama"), tokenizer, config(corpus, scope_score="key")).load_state_dict(
+            state, method.state_meta()
+        )
+    method.reset()
+    assert all(h.keys is None and h.whiten is None for h in method.hooks)
 
 
 def test_consecutive_batches_accumulate_c_and_reset(tokenizer: object, cache: Path, corpus: str) -> None:

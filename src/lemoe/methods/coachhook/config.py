@@ -21,6 +21,9 @@ class CoachHooKConfig(LocateConfig):
     # per-token test (no dependence on the rest of the sequence; one-token inputs can swap). With
     # "relative" α starts at alpha_init too: the default 2.2 (a 220 % change of the projection's
     # output) is above every ratio measured on SmolLM2, so the first batch's dynamic update sets it.
+    # "key" (lemoe's second alternative): the largest C0-whitened cosine between the token's key and
+    # the stored keys of the edits ≥ α (a cosine; alpha_init 2.2 is above every cosine, so the first
+    # batch's dynamic update sets α). The state then also holds the edit keys and L⁻¹ of C0.
     scope_score: str = "zscore"
     # Dynamic α uses this quantile of the batch's per-prompt largest scores: 0.0 = the minimum (the
     # paper's rule: every edited prompt swaps somewhere); 0.1 lets the weakest 10 % of a batch's
@@ -35,8 +38,8 @@ class CoachHooKConfig(LocateConfig):
             not isinstance(self.alpha_floor, (int, float)) or not self.alpha_floor <= self.alpha_init
         ):
             raise ValueError(f"alpha_floor must be a number <= alpha_init, got {self.alpha_floor!r}")
-        if self.scope_score not in ("zscore", "relative"):
-            raise ValueError(f"scope_score must be 'zscore' or 'relative', got {self.scope_score!r}")
+        if self.scope_score not in ("zscore", "relative", "key"):
+            raise ValueError(f"scope_score must be 'zscore', 'relative' or 'key', got {self.scope_score!r}")
         q = self.alpha_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q < 1.0:
             raise ValueError(f"alpha_quantile must be a number in [0, 1), got {q!r}")

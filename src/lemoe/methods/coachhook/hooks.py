@@ -10,7 +10,11 @@ KV cache). A hook built with ``scoped=False`` (the no-scope-rule ablation) alway
 With ``score="relative"`` (an alternative to the paper's rule) token ``t`` swaps when
 ``‖O_t − P_t‖ / ‖P_t‖ ≥ α``: a per-token test that does not look at the rest of the sequence, so
 teacher forcing and step-by-step generation decide alike and one-token inputs can swap.
-Removing the hooks restores the base model exactly.
+With ``score="key"`` (a second alternative) token ``t`` swaps when its key ``x_t`` is close to the key
+of an edited fact: the largest cosine between ``x_t`` and the stored edit keys, both whitened by the
+unedited key covariance ``C0`` (``cos(L⁻¹x, L⁻¹k)`` with ``C0 = L Lᵀ``), is at least ``α``. It asks
+*which* fact a token is about, not how much the summed hook weights change it, so it does not loosen
+as edits accumulate. Removing the hooks restores the base model exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 from lemoe.models.access import weight_as_out_in
 
 Mode = Literal["validated", "temporary"]
-Score = Literal["zscore", "relative"]
+Score = Literal["zscore", "relative", "key"]
 
 
 def zscores(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,28 @@ def relative_change(m: torch.Tensor, base: torch.Tensor, valid: torch.Tensor) ->
     ``-inf`` at padding."""
     ratio = m / base.float().norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(valid, ratio, torch.full_like(ratio, float("-inf")))
+
+
+def whitening(mom2: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` with ``C0 = L Lᵀ`` (a tiny ridge keeps dead key units invertible), float32."""
+    c = mom2.double()
+    c = c + (1e-6 * float(c.diagonal().mean()) + 1e-12) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    lower = torch.linalg.cholesky(c)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).float()
+
+
+def whitened_unit(x: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` whitened (``L⁻¹ x``) and scaled to unit length."""
+    xw = x.float() @ whiten.T
+    return xw / xw.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def key_similarity(x: torch.Tensor, whiten: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per token, the largest whitened cosine between its key and a stored (whitened, unit) edit key;
+    ``-inf`` at padding."""
+    sim = (whitened_unit(x, whiten) @ keys.T).max(-1).values
+    return torch.where(valid, sim, torch.full_like(sim, float("-inf")))
 
 
 class HookLayer:
@@ -70,6 +96,15 @@ class HookLayer:
         self.scoped = scoped  # False: validated behaves as temporary (no scope rule)
         self.score = score
         self.record: list[torch.Tensor] | None = None  # per-row max score, while recording
+        self.whiten: torch.Tensor | None = None  # score="key": L⁻¹ of C0, [d_in, d_in]
+        self.keys: torch.Tensor | None = None  # score="key": whitened unit keys of the edits, [n, d_in]
+
+    def add_keys(self, keys: torch.Tensor, mom2: torch.Tensor) -> None:
+        """Remember a batch's edit keys (``score="key"``); ``mom2`` is the unedited ``C0``."""
+        if self.whiten is None:
+            self.whiten = whitening(mom2).to(self.delta.device)
+        unit = whitened_unit(keys.to(self.delta.device), self.whiten)
+        self.keys = unit if self.keys is None else torch.cat([self.keys, unit])
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not self.active:
@@ -84,6 +119,11 @@ class HookLayer:
         valid = self.masks.valid(m.shape, m.device)
         if self.score == "zscore":
             z = zscores(m, valid)
+        elif self.score == "key":
+            if self.keys is None or self.whiten is None:
+                return None  # no edit keys yet: nothing is in scope
+            x3 = x.reshape(d3.shape[0], d3.shape[1], -1)
+            z = key_similarity(x3, self.whiten.to(x.device), self.keys.to(x.device), valid)
         else:
             z = relative_change(m, output.reshape(d3.shape) if flat else output, valid)
         if self.record is not None:

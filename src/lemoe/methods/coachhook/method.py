@@ -11,8 +11,10 @@ accumulated key covariance ``C_accu`` (starts at ``λ C0``) and the threshold ``
    edited prompt swaps at least one token in every layer (α never increases).
 
 Options beyond the paper (see ``config.py``): ``scope_score="relative"`` judges a token by the
-hook's change relative to the original output instead of a z-score over the sequence, and
-``alpha_quantile`` replaces the minimum over the batch's prompts by a low quantile.
+hook's change relative to the original output instead of a z-score over the sequence;
+``scope_score="key"`` by how close its key is to an edited fact's key (whitened cosine; the edit
+keys join the state); ``alpha_quantile`` replaces the minimum over the batch's prompts by a low
+quantile.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ class CoachHooK(LocateEditMethod):
                 delta = memit_delta(resid, ks, c_accu[layer])
                 hook.delta += delta.to(hook.delta)
                 hook.active = True
+                if hook.score == "key":
+                    hook.add_keys(ks, self.mom2()[layer])
                 c_accu[layer] += ks.double().T @ ks.double()
                 hook.mode = "validated"
                 norms.append(float(delta.norm()))
@@ -180,6 +184,7 @@ class CoachHooK(LocateEditMethod):
     def reset(self) -> None:
         for h in self.hooks:
             h.delta.zero_()
+            h.keys = h.whiten = None
             h.active = False
             h.mode = "validated"
             h.alpha = float(self.cfg.alpha_init)  # type: ignore[attr-defined]
@@ -191,6 +196,10 @@ class CoachHooK(LocateEditMethod):
         state = {f"delta.{h.layer}": h.delta.detach().cpu() for h in self.hooks}
         if self.c_accu is not None:
             state.update({f"c_accu.{layer}": c for layer, c in self.c_accu.items()})
+        for h in self.hooks:
+            if h.keys is not None and h.whiten is not None:
+                state[f"keys.{h.layer}"] = h.keys.detach().cpu()
+                state[f"whiten.{h.layer}"] = h.whiten.detach().cpu()
         return state
 
     def state_meta(self) -> dict[str, Any]:
@@ -210,11 +219,30 @@ class CoachHooK(LocateEditMethod):
         has_c = [f"c_accu.{layer}" in state for layer in self.layers]
         if any(has_c) and not all(has_c):
             raise StateError("saved state holds C_accu for some layers only")
+        for h in self.hooks:
+            if h.score != "key" or not state[f"delta.{h.layer}"].any():
+                continue
+            keys, whiten = state.get(f"keys.{h.layer}"), state.get(f"whiten.{h.layer}")
+            d_in = h.delta.shape[1]
+            if (
+                keys is None
+                or whiten is None
+                or keys.dim() != 2
+                or keys.shape[1] != d_in
+                or whiten.shape != (d_in, d_in)
+            ):
+                raise StateError(
+                    f"scope_score='key' needs keys.{h.layer} [n, {d_in}] and whiten.{h.layer} in the state"
+                )
         for h, a in zip(self.hooks, alphas, strict=True):
             h.delta.copy_(state[f"delta.{h.layer}"].to(h.delta))
             h.active = bool(h.delta.any())
             h.mode = "validated"
             h.alpha = float(a)
+            keys, whiten = state.get(f"keys.{h.layer}"), state.get(f"whiten.{h.layer}")
+            has_keys = h.score == "key" and keys is not None and whiten is not None
+            h.keys = keys.to(h.delta) if has_keys else None
+            h.whiten = whiten.to(h.delta) if has_keys else None
         self.c_accu = (
             {layer: state[f"c_accu.{layer}"].to(self.access.device, torch.float64) for layer in self.layers}
             if all(has_c)
