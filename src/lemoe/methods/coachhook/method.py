@@ -62,7 +62,7 @@ class CoachHooK(LocateEditMethod):
             HookLayer(m, layer, cfg.alpha_init, self.masks, scoped=cfg.scope_rule, score=cfg.scope_score)  # type: ignore[arg-type]
             for layer, m in zip(self.layers, self.out_projs, strict=True)
         ]
-        self.c_accu: dict[int, torch.Tensor] | None = None  # float64, CPU
+        self.c_accu: dict[int, torch.Tensor] | None = None  # float64, on the model's device
         self._handles: list[Any] = []
         self.attach()
 
