@@ -53,9 +53,8 @@ def relative_change(m: torch.Tensor, base: torch.Tensor, valid: torch.Tensor) ->
 def whitening(mom2: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` with ``C0 = L Lᵀ`` (a tiny ridge keeps dead key units invertible), float32."""
     c = mom2.double()
-    c = c + (1e-6 * float(c.diagonal().mean()) + 1e-12) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    lower = torch.linalg.cholesky(c)
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    lower = torch.linalg.cholesky(c + (1e-6 * float(c.diagonal().mean()) + 1e-12) * eye)
     return torch.linalg.solve_triangular(lower, eye, upper=False).float()
 
 
@@ -115,17 +114,17 @@ class HookLayer:
             return output + diff
         flat = diff.dim() == 2  # OPT runs its MLP on tokens flattened to [B*T, d]
         d3 = diff.reshape(self.masks.rows(diff.shape[0]), -1, diff.shape[-1]) if flat else diff
-        m = d3.float().norm(dim=-1)  # [B, T]
-        valid = self.masks.valid(m.shape, m.device)
-        if self.score == "zscore":
-            z = zscores(m, valid)
-        elif self.score == "key":
+        valid = self.masks.valid(d3.shape[:2], d3.device)
+        if self.score == "key":  # keys and L⁻¹ live on the hook's device (add_keys / load_state_dict)
             if self.keys is None or self.whiten is None:
                 return None  # no edit keys yet: nothing is in scope
-            x3 = x.reshape(d3.shape[0], d3.shape[1], -1)
-            z = key_similarity(x3, self.whiten.to(x.device), self.keys.to(x.device), valid)
+            z = key_similarity(x.reshape(*d3.shape[:2], -1), self.whiten, self.keys, valid)
         else:
-            z = relative_change(m, output.reshape(d3.shape) if flat else output, valid)
+            m = d3.float().norm(dim=-1)  # [B, T]
+            if self.score == "zscore":
+                z = zscores(m, valid)
+            else:
+                z = relative_change(m, output.reshape(d3.shape) if flat else output, valid)
         if self.record is not None:
             self.record.append(z.max(-1).values.detach().cpu())
         swap = (torch.isfinite(z) & (z >= self.alpha)).unsqueeze(-1).to(diff.dtype)  # undefined z: never
