@@ -94,6 +94,36 @@ def retention(model: torch.nn.Module, tok: Any, facts: list[tuple[str, str]], te
     return {"knowns.token_acc": sum(acc) / len(acc), "heldout.ppl": math.exp(nll_sum / n_tok)}
 
 
+class Progress:
+    """Every ``every`` steps, writes where a long run is (steps, seconds per edit) to a sidecar file.
+
+    A run cut by a time limit then still says how far it got and at what cost; the sidecar is
+    removed when the run's row lands in the summary.
+    """
+
+    def __init__(self, path: Path, label: dict[str, Any], total: int, every: int = 25) -> None:
+        self.path, self.label, self.total, self.every = path, label, total, every
+        self.start = time.perf_counter()
+        self.steps = 0
+
+    def __call__(self, _entry: dict[str, Any]) -> None:
+        self.steps += 1
+        if self.steps % self.every and self.steps != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        info = {
+            **self.label,
+            "steps_done": self.steps,
+            "steps_total": self.total,
+            "elapsed_seconds": elapsed,
+            "seconds_per_step": elapsed / self.steps,
+        }
+        self.path.write_text(json.dumps(info, indent=1))
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class UpdateCosines:
     """Cosine between successive updates of all MLP output projections (any weight-editing method)."""
 
@@ -177,7 +207,18 @@ def main(argv: list[str] | None = None) -> int:
                     prepare()
                 setup = time.perf_counter() - start
                 cos = UpdateCosines(access)
-                record = run_protocol(method, requests, protocol, evaluator, progress=False, on_step=cos)
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                where = Progress(
+                    out_path.with_suffix(".progress.json"),
+                    {"method": name + args.label, "dataset": dataset, "T": t},
+                    total=math.ceil(protocol.edits / protocol.edits_per_step),
+                )
+
+                def on_step(entry: dict[str, Any], cos: UpdateCosines = cos, where: Progress = where) -> None:
+                    cos(entry)
+                    where(entry)
+
+                record = run_protocol(method, requests, protocol, evaluator, progress=False, on_step=on_step)
                 after = retention(model, tok, facts, texts)
                 with tempfile.TemporaryDirectory() as tmp:
                     method.save_pretrained(tmp)
@@ -209,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": record["environment"]["threads"],
                 }
                 summary.append(row)
-                out_path.parent.mkdir(parents=True, exist_ok=True)
                 out_path.write_text(json.dumps(summary, indent=1))
+                where.done()
                 m = row["metrics"]
                 print(
                     f"{name + args.label:14} {dataset:11} T={t:<4} rel {m['reliability.token_acc']:.3f} "
