@@ -248,6 +248,44 @@ def test_key_scope_rule_edits_and_round_trips(tokenizer: object, cache: Path, co
     assert all(h.keys is None and h.whiten is None for h in method.hooks)
 
 
+def test_prompt_keys_match_at_use_not_when_alpha_is_set(
+    tokenizer: object, cache: Path, corpus: str, tmp_path: Path
+) -> None:
+    """scope_prompt_keys: each edit's bare-prompt key is stored beside the averaged key; the edit
+    prompt then scores ≈ 1 at its subject at use, while α is still set against averaged keys."""
+    model = tiny_model("llama")
+    method = CoachHooK(model, tokenizer, config(corpus, scope_score="key", scope_prompt_keys=True))
+    method.apply(BATCHES[0])
+    assert all(h.prompt_keys is not None and h.prompt_keys.shape == h.keys.shape for h in method.hooks)
+    recorded = method.prompt_max_z(BATCHES[0])  # what α sees: averaged keys only
+    first = method.hooks[0]
+    seen: list[torch.Tensor] = []
+    stop = first.module.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach()))
+    try:
+        logits(model, tokenizer, [BATCHES[0][0].prompt])
+    finally:
+        stop.remove()
+    at_use = key_similarity(
+        seen[0],
+        first.whiten,
+        torch.cat([first.keys, first.prompt_keys]),
+        torch.ones(seen[0].shape[:2], dtype=torch.bool),
+    )
+    assert float(at_use.max()) == pytest.approx(1.0, abs=1e-4)  # the prompt's own key is stored
+    assert float(recorded[0][0]) < 1.0 - 1e-4  # ... and left out of the score that sets α
+    method.save_pretrained(tmp_path / "pk")
+    loaded = load_method(str(tmp_path / "pk"), tiny_model("llama"), tokenizer)
+    assert all(torch.equal(a.prompt_keys, b.prompt_keys) for a, b in zip(loaded.hooks, method.hooks, strict=True))
+    state = method.state_dict()
+    del state[f"prompt_keys.{method.layers[0]}"]
+    with pytest.raises(StateError, match="prompt_keys"):
+        CoachHooK(
+            tiny_model("llama"), tokenizer, config(corpus, scope_score="key", scope_prompt_keys=True)
+        ).load_state_dict(state, method.state_meta())
+    with pytest.raises(ValueError, match="scope_prompt_keys"):
+        CoachHooKConfig(scope_prompt_keys=True).validate()
+
+
 def test_consecutive_batches_accumulate_c_and_reset(tokenizer: object, cache: Path, corpus: str) -> None:
     model = tiny_model("gpt2")
     method = CoachHooK(model, tokenizer, config(corpus))

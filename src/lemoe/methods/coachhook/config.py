@@ -29,6 +29,11 @@ class CoachHooKConfig(LocateConfig):
     # paper's rule: every edited prompt swaps somewhere); 0.1 lets the weakest 10 % of a batch's
     # prompts go without a swap at a layer, so one weak prompt cannot pull α down for everyone.
     alpha_quantile: float = 0.0
+    # With scope_score="key": also store each edit's key as its own prompt produces it (the bare
+    # prompt; the averaged key is read mostly behind context prefixes, and a subject that opens its
+    # prompt sits next to the first position, where the two differ most). Recorded scores, which set
+    # α, use the averaged keys only; the prompt keys only add matches at use.
+    scope_prompt_keys: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -43,6 +48,8 @@ class CoachHooKConfig(LocateConfig):
         q = self.alpha_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q < 1.0:
             raise ValueError(f"alpha_quantile must be a number in [0, 1), got {q!r}")
-        for name in ("dynamic_alpha", "scope_rule"):
+        if self.scope_prompt_keys is True and self.scope_score != "key":
+            raise ValueError("scope_prompt_keys needs scope_score='key'")
+        for name in ("dynamic_alpha", "scope_rule", "scope_prompt_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

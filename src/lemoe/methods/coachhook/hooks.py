@@ -14,7 +14,9 @@ With ``score="key"`` (a second alternative) token ``t`` swaps when its key ``x_t
 of an edited fact: the largest cosine between ``x_t`` and the stored edit keys, both whitened by the
 unedited key covariance ``C0`` (``cos(L⁻¹x, L⁻¹k)`` with ``C0 = L Lᵀ``), is at least ``α``. It asks
 *which* fact a token is about, not how much the summed hook weights change it, so it does not loosen
-as edits accumulate. Removing the hooks restores the base model exactly.
+as edits accumulate. With prompt keys (``scope_prompt_keys``) each edit also stores the key its
+own bare prompt produces; recorded scores (which set α) leave those out. Removing the hooks restores
+the base model exactly.
 """
 
 from __future__ import annotations
@@ -97,13 +99,19 @@ class HookLayer:
         self.record: list[torch.Tensor] | None = None  # per-row max score, while recording
         self.whiten: torch.Tensor | None = None  # score="key": L⁻¹ of C0, [d_in, d_in]
         self.keys: torch.Tensor | None = None  # score="key": whitened unit keys of the edits, [n, d_in]
+        # score="key" with prompt keys: the edits' keys as their bare prompts produce them, [n, d_in];
+        # matched at use, left out of recorded scores (those set α against the averaged keys)
+        self.prompt_keys: torch.Tensor | None = None
 
-    def add_keys(self, keys: torch.Tensor, mom2: torch.Tensor) -> None:
+    def add_keys(self, keys: torch.Tensor, mom2: torch.Tensor, prompt_keys: torch.Tensor | None = None) -> None:
         """Remember a batch's edit keys (``score="key"``); ``mom2`` is the unedited ``C0``."""
         if self.whiten is None:
             self.whiten = whitening(mom2).to(self.delta.device)
         unit = whitened_unit(keys.to(self.delta.device), self.whiten)
         self.keys = unit if self.keys is None else torch.cat([self.keys, unit])
+        if prompt_keys is not None:
+            unit = whitened_unit(prompt_keys.to(self.delta.device), self.whiten)
+            self.prompt_keys = unit if self.prompt_keys is None else torch.cat([self.prompt_keys, unit])
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not self.active:
@@ -118,7 +126,10 @@ class HookLayer:
         if self.score == "key":  # keys and L⁻¹ live on the hook's device (add_keys / load_state_dict)
             if self.keys is None or self.whiten is None:
                 return None  # no edit keys yet: nothing is in scope
-            z = key_similarity(x.reshape(*d3.shape[:2], -1), self.whiten, self.keys, valid)
+            keys = self.keys
+            if self.prompt_keys is not None and self.record is None:
+                keys = torch.cat([keys, self.prompt_keys])
+            z = key_similarity(x.reshape(*d3.shape[:2], -1), self.whiten, keys, valid)
         else:
             m = d3.float().norm(dim=-1)  # [B, T]
             if self.score == "zscore":

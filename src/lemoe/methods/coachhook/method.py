@@ -129,7 +129,10 @@ class CoachHooK(LocateEditMethod):
                 hook.delta += delta.to(hook.delta)
                 hook.active = True
                 if hook.score == "key":
-                    hook.add_keys(ks, self.mom2()[layer])
+                    bare = None
+                    if self.cfg.scope_prompt_keys:  # type: ignore[attr-defined]
+                        bare = compute_ks(self.access, self.tokenizer, layer, requests, ["{}"])
+                    hook.add_keys(ks, self.mom2()[layer], bare)
                 c_accu[layer] += ks.double().T @ ks.double()
                 hook.mode = "validated"
                 norms.append(float(delta.norm()))
@@ -184,7 +187,7 @@ class CoachHooK(LocateEditMethod):
     def reset(self) -> None:
         for h in self.hooks:
             h.delta.zero_()
-            h.keys = h.whiten = None
+            h.keys = h.whiten = h.prompt_keys = None
             h.active = False
             h.mode = "validated"
             h.alpha = float(self.cfg.alpha_init)  # type: ignore[attr-defined]
@@ -200,6 +203,8 @@ class CoachHooK(LocateEditMethod):
             if h.keys is not None and h.whiten is not None:
                 state[f"keys.{h.layer}"] = h.keys.detach().cpu()
                 state[f"whiten.{h.layer}"] = h.whiten.detach().cpu()
+            if h.prompt_keys is not None:
+                state[f"prompt_keys.{h.layer}"] = h.prompt_keys.detach().cpu()
         return state
 
     def state_meta(self) -> dict[str, Any]:
@@ -234,6 +239,9 @@ class CoachHooK(LocateEditMethod):
                 raise StateError(
                     f"scope_score='key' needs keys.{h.layer} [n, {d_in}] and whiten.{h.layer} in the state"
                 )
+            prompt_keys = state.get(f"prompt_keys.{h.layer}")
+            if self.cfg.scope_prompt_keys and (prompt_keys is None or prompt_keys.shape != keys.shape):  # type: ignore[attr-defined]
+                raise StateError(f"scope_prompt_keys needs prompt_keys.{h.layer} shaped like keys.{h.layer}")
         for h, a in zip(self.hooks, alphas, strict=True):
             h.delta.copy_(state[f"delta.{h.layer}"].to(h.delta))
             h.active = bool(h.delta.any())
@@ -243,6 +251,9 @@ class CoachHooK(LocateEditMethod):
             has_keys = h.score == "key" and keys is not None and whiten is not None
             h.keys = keys.to(h.delta) if has_keys else None
             h.whiten = whiten.to(h.delta) if has_keys else None
+            prompt_keys = state.get(f"prompt_keys.{h.layer}")
+            use_prompt = has_keys and prompt_keys is not None and self.cfg.scope_prompt_keys  # type: ignore[attr-defined]
+            h.prompt_keys = prompt_keys.to(h.delta) if use_prompt else None
         self.c_accu = (
             {layer: state[f"c_accu.{layer}"].to(self.access.device, torch.float64) for layer in self.layers}
             if all(has_c)
