@@ -13,8 +13,8 @@ accumulated key covariance ``C_accu`` (starts at ``λ C0``) and the threshold ``
 Options beyond the paper (see ``config.py``): ``scope_score="relative"`` judges a token by the
 hook's change relative to the original output instead of a z-score over the sequence;
 ``scope_score="key"`` by how close its key is to an edited fact's key (whitened cosine; the edit
-keys join the state); ``alpha_quantile`` replaces the minimum over the batch's prompts by a low
-quantile.
+keys join the state), with ``scope_prompt_keys`` also by each edit prompt's own key;
+``alpha_quantile`` replaces the minimum over the batch's prompts by a low quantile.
 """
 
 from __future__ import annotations
