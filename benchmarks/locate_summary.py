@@ -37,7 +37,8 @@ def label(record: dict[str, Any]) -> str:
         name += f" (α floor {options['alpha_floor']})"
     if options.get("scope_score", "zscore") != "zscore":
         name += f" ({options['scope_score']}"
-        name += f", Q {options['alpha_quantile']})" if options.get("alpha_quantile") else ")"
+        name += f", Q {options['alpha_quantile']}" if options.get("alpha_quantile") else ""
+        name += ", prompt keys)" if options.get("scope_prompt_keys") else ")"
     elif options.get("alpha_quantile"):
         name += f" (Q {options['alpha_quantile']})"
     if name.startswith("memit") and options.get("mom2_weight") is not None:
