@@ -78,3 +78,21 @@ launch coachhook-zsre480-relative "METHODS=coachhook LEMOE='$PY -m lemoe' benchm
   $OUT/abl_relative 480 30 5 $ZS --no-pre --device $DEVICE --quiet --opt scope_score=relative --opt alpha_quantile=0.1"
 launch memit-zsre150-lambda "METHODS=memit LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
   $OUT/abl_lambda 150 30 5 $ZS --no-pre --device $DEVICE --quiet --opt mom2_weight=15000"
+# Issue 4, the key-aware scope rule (quantile 0.3 with prompt keys) on the protocols it lacks: the
+# AlphaEdit protocol, and the CounterFact stream with quantile 0.1 plus prompt keys.
+KEYQ03="--opt scope_score=key --opt alpha_quantile=0.3 --opt scope_prompt_keys=true"
+launch coachhook-cf1000-keyq03pk "METHODS=coachhook LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
+  $OUT/key_cf1000 1000 100 10 $CF --no-pre --device $DEVICE --quiet $KEYQ03"
+launch coachhook-cf600-keyq01pk "METHODS=coachhook LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
+  $OUT/key_cf600_q01pk 600 30 5 $CF --no-pre --device $DEVICE --quiet --opt scope_score=key \
+  --opt alpha_quantile=0.1 --opt scope_prompt_keys=true"
+
+# Issue 6, the next MALMEN lever: locality weight and meta learning rate, validated on 128 edits.
+for spec in "loc30:--opt loc_coef=30" "loc100:--opt loc_coef=100" "lr3e-5:--opt loc_coef=10 --opt meta_lr=3e-5"; do
+  name=${spec%%:*}
+  launch "train-malmen-$name" "timeout ${TRAIN_SECONDS:-660} $PY -m lemoe train-editor --method malmen --device $DEVICE \
+    --out $OUT/editors/malmen-$name --counterfact $DATA/counterfact/counterfact_train.json --zsre $DATA/zsre/zsre_dev.json \
+    --zsre-range 300:500 --edits-per-step 16 --val-size 128 --steps 600 --val-every 50 ${spec#*:}; \
+    $PY benchmarks/malmen_scaling.py --device $DEVICE --editor $OUT/editors/malmen-$name/best --methods malmen \
+    --data $DATA/counterfact/counterfact_val.json --out $OUT/malmen_scaling_malmen_$name.json"
+done
