@@ -14,7 +14,10 @@ Options beyond the paper (see ``config.py``): ``scope_score="relative"`` judges 
 hook's change relative to the original output instead of a z-score over the sequence;
 ``scope_score="key"`` by how close its key is to an edited fact's key (whitened cosine; the edit
 keys join the state), with ``scope_prompt_keys`` also by each edit prompt's own key;
-``alpha_quantile`` replaces the minimum over the batch's prompts by a low quantile.
+``alpha_quantile`` replaces the minimum over the batch's prompts by a low quantile. The default is
+the paper's rule; where locality matters most, ``scope_score="key"``, ``alpha_quantile=0.3`` and
+``scope_prompt_keys=True`` is the setting that held it best in lemoe's measurements on SmolLM2-135M
+(docs/results.md, CoachHooK section).
 """
 
 from __future__ import annotations
