@@ -66,10 +66,15 @@ def whitened_unit(x: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
     return xw / xw.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def key_similarity(x: torch.Tensor, whiten: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per token, the largest whitened cosine between its key and a stored (whitened, unit) edit key;
-    ``-inf`` at padding."""
-    sim = (whitened_unit(x, whiten) @ keys.T).max(-1).values
+def key_similarity(
+    x: torch.Tensor, whiten: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, more: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per token, the largest whitened cosine between its key and a stored (whitened, unit) edit key
+    in ``keys`` or ``more``; ``-inf`` at padding."""
+    xw = whitened_unit(x, whiten)
+    sim = (xw @ keys.T).max(-1).values
+    if more is not None:
+        sim = torch.maximum(sim, (xw @ more.T).max(-1).values)
     return torch.where(valid, sim, torch.full_like(sim, float("-inf")))
 
 
@@ -126,10 +131,8 @@ class HookLayer:
         if self.score == "key":  # keys and L⁻¹ live on the hook's device (add_keys / load_state_dict)
             if self.keys is None or self.whiten is None:
                 return None  # no edit keys yet: nothing is in scope
-            keys = self.keys
-            if self.prompt_keys is not None and self.record is None:
-                keys = torch.cat([keys, self.prompt_keys])
-            z = key_similarity(x.reshape(*d3.shape[:2], -1), self.whiten, keys, valid)
+            more = self.prompt_keys if self.record is None else None  # recording sets α: averaged keys only
+            z = key_similarity(x.reshape(*d3.shape[:2], -1), self.whiten, self.keys, valid, more)
         else:
             m = d3.float().norm(dim=-1)  # [B, T]
             if self.score == "zscore":

@@ -37,10 +37,10 @@ from lemoe.methods.coachhook.hooks import HookLayer, MaskSource, Mode
 from lemoe.methods.locate import (
     LocateEditMethod,
     block_outputs,
-    compute_ks,
     compute_z,
     memit_delta,
     spread_residual,
+    template_keys,
 )
 from lemoe.requests import EditRequest
 
@@ -125,16 +125,16 @@ class CoachHooK(LocateEditMethod):
         norms = []
         try:
             for i, (layer, hook) in enumerate(zip(self.layers, self.hooks, strict=True)):
-                ks = compute_ks(self.access, self.tokenizer, layer, requests, self.key_templates())
+                # one read serves both: the average is MEMIT's key, template 0 ("{}") the bare prompt's
+                per_template = template_keys(self.access, self.tokenizer, layer, requests, self.key_templates())
+                ks = per_template.mean(1)
                 current = block_outputs(self.access, self.tokenizer, last, requests)
                 resid = spread_residual(zs, current, len(self.layers) - i)
                 delta = memit_delta(resid, ks, c_accu[layer])
                 hook.delta += delta.to(hook.delta)
                 hook.active = True
                 if hook.score == "key":
-                    bare = None
-                    if self.cfg.scope_prompt_keys:  # type: ignore[attr-defined]
-                        bare = compute_ks(self.access, self.tokenizer, layer, requests, ["{}"])
+                    bare = per_template[:, 0] if self.cfg.scope_prompt_keys else None  # type: ignore[attr-defined]
                     hook.add_keys(ks, self.mom2()[layer], bare)
                 c_accu[layer] += ks.double().T @ ks.double()
                 hook.mode = "validated"

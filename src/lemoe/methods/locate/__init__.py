@@ -14,7 +14,7 @@ Typical use (sequential MEMIT in a few lines)::
 :class:`LocateEditMethod` wraps the lazy statistics and templates for methods built on this core.
 """
 
-from lemoe.methods.locate.compute import block_outputs, compute_ks, compute_z
+from lemoe.methods.locate.compute import block_outputs, compute_ks, compute_z, template_keys
 from lemoe.methods.locate.config import LocateConfig
 from lemoe.methods.locate.method import LocateEditMethod
 from lemoe.methods.locate.positions import context_templates, sites, subject_end
@@ -38,4 +38,5 @@ __all__ = [
     "spread_residual",
     "stats_dir",
     "subject_end",
+    "template_keys",
 ]

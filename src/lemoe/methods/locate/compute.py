@@ -73,6 +73,22 @@ def _read_at(
     return torch.cat(out)
 
 
+def template_keys(
+    access: ModelAccess,
+    tokenizer: object,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str] = ("{}",),
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Keys per template ``[n, len(templates), d_in]``: MLP output-projection inputs at each
+    subject's last token in each template (each holds ``{}`` where the prompt goes)."""
+    rows = sites(tokenizer, requests, templates)
+    flat = [s for row in rows for s in row]
+    keys = _read_at(access, access.mlp(layer).out_proj, flat, tokenizer, batch_size, pre=True)
+    return keys.view(len(requests), len(templates), -1)
+
+
 def compute_ks(
     access: ModelAccess,
     tokenizer: object,
@@ -81,12 +97,8 @@ def compute_ks(
     templates: Sequence[str] = ("{}",),
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """Keys ``[n, d_in]``: MLP output-projection inputs at each subject's last token, averaged
-    over ``templates`` (each holds ``{}`` where the prompt goes)."""
-    rows = sites(tokenizer, requests, templates)
-    flat = [s for row in rows for s in row]
-    keys = _read_at(access, access.mlp(layer).out_proj, flat, tokenizer, batch_size, pre=True)
-    return keys.view(len(requests), len(templates), -1).mean(1)
+    """Keys ``[n, d_in]``: :func:`template_keys` averaged over the templates."""
+    return template_keys(access, tokenizer, layer, requests, templates, batch_size).mean(1)
 
 
 def block_outputs(
