@@ -78,11 +78,13 @@ launch coachhook-zsre480-relative "METHODS=coachhook LEMOE='$PY -m lemoe' benchm
   $OUT/abl_relative 480 30 5 $ZS --no-pre --device $DEVICE --quiet --opt scope_score=relative --opt alpha_quantile=0.1"
 launch memit-zsre150-lambda "METHODS=memit LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
   $OUT/abl_lambda 150 30 5 $ZS --no-pre --device $DEVICE --quiet --opt mom2_weight=15000"
-# Issue 4, the key-aware scope rule (quantile 0.3 with prompt keys) on the protocols it lacks: the
-# AlphaEdit protocol, and the CounterFact stream with quantile 0.1 plus prompt keys.
-KEYQ03="--opt scope_score=key --opt alpha_quantile=0.3 --opt scope_prompt_keys=true"
-launch coachhook-cf1000-keyq03pk "METHODS=coachhook LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
-  $OUT/key_cf1000 1000 100 10 $CF --no-pre --device $DEVICE --quiet $KEYQ03"
+# Issue 4, the key-aware scope rule with prompt keys: quantile 0.5 (measured on the AlphaEdit
+# protocol in session 8) over the two 30-batch streams, where quantile 0.3 was measured.
+KEYQ05="--opt scope_score=key --opt alpha_quantile=0.5 --opt scope_prompt_keys=true"
+launch coachhook-cf600-keyq05pk "METHODS=coachhook LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
+  $OUT/key_cf600_q05pk 600 30 5 $CF --no-pre --device $DEVICE --quiet $KEYQ05"
+launch coachhook-zsre480-keyq05pk "METHODS=coachhook LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
+  $OUT/key_zsre480_q05pk 480 30 5 $ZS --no-pre --device $DEVICE --quiet $KEYQ05"
 launch coachhook-cf600-keyq01pk "METHODS=coachhook LEMOE='$PY -m lemoe' benchmarks/locate_runs.sh \
   $OUT/key_cf600_q01pk 600 30 5 $CF --no-pre --device $DEVICE --quiet --opt scope_score=key \
   --opt alpha_quantile=0.1 --opt scope_prompt_keys=true"
