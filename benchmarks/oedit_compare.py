@@ -41,7 +41,7 @@ from lemoe.methods import build_method
 from lemoe.models import load_model
 from lemoe.models.access import ModelAccess
 from lemoe.requests import EditRequest, InvalidRequestError, validate_request
-from lemoe.runner import Protocol, run_protocol
+from lemoe.runner import Protocol, RunCheckpoint, run_protocol
 from lemoe.runner.runner import HEADLINE as RUNNER_HEADLINE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -120,6 +120,10 @@ class Progress:
         }
         self.path.write_text(json.dumps(info, indent=1))
 
+    def resume(self, steps: int) -> None:
+        """Continue counting after a checkpoint (elapsed time restarts at the resume)."""
+        self.steps = steps
+
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
 
@@ -142,6 +146,17 @@ class UpdateCosines:
 
     def reset_chain(self) -> None:
         self.prev_delta = None
+
+    def resume(self, cosines: list[float]) -> None:
+        """Continue after a checkpoint: the cosine across the resume point is not measured."""
+        self.cosines = list(cosines)
+        self.prev_w = [w.detach().clone() for w in self.weights]
+        self.prev_delta = None
+
+
+def _resume(extra: dict[str, Any], cos: UpdateCosines, where: Progress) -> None:
+    cos.resume(extra["cosines"])
+    where.resume(extra["steps"])
 
 
 def weights_checksum(access: ModelAccess) -> float:
@@ -169,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-exact-match", action="store_true")
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     p.add_argument("--out", required=True, help="summary JSON (appended to if it exists)")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="resumable runs: each (method, dataset, T) run saves its state here every --checkpoint-every "
+        "steps; the same command run again resumes an unfinished run and skips rows already in --out",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     args = p.parse_args(argv)
 
     data_dir = Path(args.data_dir)
@@ -199,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             protocol = single if t == 1 else Protocol(edits=t, edits_per_step=1)
             for name in args.methods.split(","):
                 opts = options.get(name, {})
+                if args.checkpoint_dir and any(
+                    r["method"] == name + args.label and r["dataset"] == dataset and r["T"] == t for r in summary
+                ):
+                    print(f"{name + args.label} {dataset} T={t}: already in {out_path}, skipped", flush=True)
+                    continue
                 start = time.perf_counter()
                 method = build_method(name.partition("#")[0], model, tok, dict(opts))
                 # one-time preparation (O-Edit's B_k, MEMIT's statistics) is setup, not per-edit cost
@@ -218,7 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                     cos(entry)
                     where(entry)
 
-                record = run_protocol(method, requests, protocol, evaluator, progress=False, on_step=on_step)
+                checkpoint = None
+                if args.checkpoint_dir:
+                    checkpoint = RunCheckpoint(
+                        Path(args.checkpoint_dir) / f"{name + args.label}-{dataset}-T{t}".replace(" ", "_"),
+                        every=args.checkpoint_every,
+                        save_extra=lambda cos=cos, where=where: {"cosines": cos.cosines, "steps": where.steps},
+                        restore_extra=lambda extra, cos=cos, where=where: _resume(extra, cos, where),
+                    )
+                record = run_protocol(
+                    method, requests, protocol, evaluator, progress=False, on_step=on_step, checkpoint=checkpoint
+                )
                 after = retention(model, tok, facts, texts)
                 with tempfile.TemporaryDirectory() as tmp:
                     method.save_pretrained(tmp)
@@ -249,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                     "code_version": record["environment"]["code_version"],
                     "threads": record["environment"]["threads"],
                 }
+                if record["resumed_from"] is not None:
+                    row["resumed_from"] = record["resumed_from"]
                 summary.append(row)
                 out_path.write_text(json.dumps(summary, indent=1))
                 where.done()
+                if checkpoint is not None:
+                    checkpoint.clear()
                 m = row["metrics"]
                 print(
                     f"{name + args.label:14} {dataset:11} T={t:<4} rel {m['reliability.token_acc']:.3f} "

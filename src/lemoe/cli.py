@@ -55,6 +55,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="results JSON path")
     p.add_argument("--save-state", default=None, help="directory to save the edited method state")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="resumable run: save state and progress here every --checkpoint-every steps; the same command "
+        "run again resumes after the last checkpoint; removed when the run completes",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -63,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lemoe.evaluation import Evaluator
     from lemoe.methods import build_method
     from lemoe.models import load_model
-    from lemoe.runner import Protocol, format_table, run_protocol, write_results
+    from lemoe.runner import Protocol, RunCheckpoint, format_table, run_protocol, write_results
 
     protocol = Protocol(
         edits=args.edits,
@@ -89,9 +96,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return add
 
+    checkpoint = None
+    if args.checkpoint:
+        checkpoint = RunCheckpoint(
+            Path(args.checkpoint),
+            every=args.checkpoint_every,
+            save_extra=lambda: {"steps": progress["steps"], "timeline": progress["timeline"]},
+            restore_extra=progress.update,
+        )
     record = run_protocol(
         method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet,
         on_step=keep("steps") if args.out else None, on_eval=keep("timeline") if args.out else None,
+        checkpoint=checkpoint,
     )  # fmt: skip
     record["data"] = {**data_identity, "zsre_target": args.zsre_target}
     record["model"]["name"] = args.model
@@ -99,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_results(record, args.out)
     if args.save_state:
         method.save_pretrained(args.save_state)
+    if checkpoint is not None:  # the results (and state) are written: the run need never resume
+        checkpoint.clear()
     print(format_table(record))
     if args.out:
         print(f"results written to {args.out}")

@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lemoe.evaluation import Evaluator, Reference
-from lemoe.evaluation.evaluator import EvalResult
 from lemoe.methods.base import EditMethod, model_fingerprint
 from lemoe.requests import EditRequest
+from lemoe.runner.checkpoint import RunCheckpoint, run_key
 from lemoe.runner.protocol import Protocol
 
 
@@ -90,36 +90,72 @@ def run_protocol(
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: RunCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Apply ``protocol`` to ``method`` over ``requests``; return the results record (JSON-ready).
 
     ``on_step`` gets each edit step's log entry and ``on_eval`` each evaluation point's timeline
     entry as they happen (the CLI uses them to keep a partial results file during long runs).
+    With ``checkpoint``, the run saves its state every ``checkpoint.every`` steps and, when the
+    directory already holds this run's progress, resumes after the last saved step.
     """
     torch.manual_seed(protocol.seed)
     ordered = protocol.order_requests(requests)
     context = method.forward_context
     rss_start = _rss_mb()
 
+    key = run_key(method, protocol, ordered) if checkpoint is not None else {}
+    saved = checkpoint.load(key) if checkpoint is not None else None
     method.reset()  # the protocol starts from the unedited model, and so does the reference
     t0 = time.perf_counter()
     reference: Reference = evaluator.reference(ordered)
-    pre: EvalResult | None = evaluator.evaluate(ordered, reference) if evaluate_pre else None
+    pre_aggregate: dict[str, float] | None = None
+    if saved is not None:
+        pre_aggregate = saved["log"]["pre_edit"]
+    elif evaluate_pre:
+        pre_aggregate = evaluator.evaluate(ordered, reference).aggregate
     reference_seconds = time.perf_counter() - t0
 
-    final_scores: dict[str, dict[str, float]] = {}
-    timeline: list[dict[str, Any]] = []
-    steps_log: list[dict[str, Any]] = []
-    edit_seconds = 0.0
-    eval_seconds = 0.0
+    log = saved["log"] if saved is not None else {}
+    final_scores: dict[str, dict[str, float]] = log.get("final_scores", {})
+    timeline: list[dict[str, Any]] = log.get("timeline", [])
+    steps_log: list[dict[str, Any]] = log.get("steps", [])
+    edit_seconds: float = log.get("edit_seconds", 0.0)
+    eval_seconds: float = log.get("eval_seconds", 0.0)
     chunks = protocol.chunks(ordered)
     total_steps = sum(len(method.plan_batches(c, protocol.edits_per_step)) for c in chunks) if progress else 0
     bar = tqdm(total=total_steps, desc=f"{method.name} edits", disable=not progress, unit="step")
+    bar.update(len(steps_log))
+
+    def save_checkpoint(chunk_index: int, step: int, done: list[EditRequest]) -> None:
+        log = {
+            "pre_edit": pre_aggregate,
+            "final_scores": final_scores,
+            "timeline": timeline,
+            "steps": steps_log,
+            "edit_seconds": edit_seconds,
+            "eval_seconds": eval_seconds,
+        }
+        position = {"chunk": chunk_index, "step": step, "done": [r.request_id for r in done]}
+        checkpoint.save(method, key, position, log)  # type: ignore[union-attr]
+
     for chunk_index, chunk in enumerate(chunks):
+        if saved is not None and chunk_index < saved["chunk"]:
+            continue  # finished before the checkpoint; its scores are in final_scores
         method.reset()
         steps = method.plan_batches(chunk, protocol.edits_per_step)
         done: list[EditRequest] = []
+        start_step = 0
+        if saved is not None and chunk_index == saved["chunk"]:
+            start_step = saved["step"]
+            done = [r for step in steps[:start_step] for r in step]
+            if [r.request_id for r in done] != saved["done"]:
+                raise ValueError("checkpoint: the method planned this chunk's steps differently than before")
+            assert checkpoint is not None  # saved comes from it
+            checkpoint.restore(method, saved)
         for step_index, step in enumerate(steps):
+            if step_index < start_step:
+                continue
             report = method.apply(step)
             edit_seconds += report.seconds
             done.extend(step)
@@ -152,6 +188,8 @@ def run_protocol(
                 if on_eval is not None:
                     on_eval(timeline[-1])
             eval_seconds += time.perf_counter() - t1
+            if checkpoint is not None and (step_index + 1) % checkpoint.every == 0 and step_index + 1 < len(steps):
+                save_checkpoint(chunk_index, step_index + 1, done)
         if protocol.evaluate != "immediate":
             t1 = time.perf_counter()
             res = evaluator.evaluate(chunk, reference, context)
@@ -163,6 +201,8 @@ def run_protocol(
             )
             if on_eval is not None:
                 on_eval(timeline[-1])
+        if checkpoint is not None:  # a finished chunk (or run) is never redone
+            save_checkpoint(chunk_index + 1, 0, [])
     bar.close()
 
     per_request = [{"request_id": r.request_id, **final_scores[r.request_id]} for r in ordered]
@@ -179,7 +219,7 @@ def run_protocol(
         },
         "model": model_fingerprint(method.model),
         "aggregate": _mean_aggregate([{k: v for k, v in r.items() if k != "request_id"} for r in per_request]),
-        "pre_edit": pre.aggregate if pre is not None else None,
+        "pre_edit": pre_aggregate,
         "timeline": timeline,
         "per_request": per_request,
         "request_order": [r.request_id for r in ordered],
@@ -193,6 +233,7 @@ def run_protocol(
             "rss_growth_mb": _rss_mb() - rss_start,
         },
         "steps": steps_log,
+        "resumed_from": {"chunk": saved["chunk"], "step": saved["step"]} if saved is not None else None,
         "seed": protocol.seed,
         "environment": environment(method.access.device),
     }

@@ -1,0 +1,116 @@
+"""Resumable protocol runs: every N steps, save the method's state and the runner's log so far.
+
+A long run cut short (a time limit, a crash, the end of a session) restarts from its last
+checkpoint instead of from the unedited model. On restart the runner still computes the unedited
+model's reference answers (they need the unedited model, and cost one evaluation pass), then loads
+the saved edited state onto the reset model and goes on at the next step.
+
+Directory layout: ``progress.json`` (which run this is, how far it got, the runner's log) and
+``state-<chunk>-<step>/`` (the method's ``save_pretrained``). ``progress.json`` is replaced
+atomically only after its state directory is complete, and older state directories are removed
+only after that, so a crash at any moment leaves a consistent pair. A checkpoint of another run
+(other method, config, protocol, requests or base model) is refused with an error, never resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from lemoe.methods.base import EditMethod, model_fingerprint, read_state_meta
+from lemoe.requests import EditRequest
+from lemoe.runner.protocol import Protocol
+
+PROGRESS = "progress.json"
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint directory holds another run's progress."""
+
+
+def run_key(method: EditMethod, protocol: Protocol, ordered: Sequence[EditRequest]) -> dict[str, Any]:
+    """What makes two runs the same run: method and config, protocol, edit stream, base model."""
+    stream = json.dumps([r.to_dict() for r in ordered], sort_keys=True, default=str)
+    return {
+        "method": method.name,
+        "config": method.config.to_dict(),
+        "protocol": protocol.to_dict(),
+        "requests_sha256": hashlib.sha256(stream.encode()).hexdigest(),
+        "model": model_fingerprint(method.model),
+    }
+
+
+@dataclass
+class RunCheckpoint:
+    """Where and how often to checkpoint; optional hooks for a caller's own per-step state.
+
+    ``save_extra`` returns JSON-ready state of the caller's ``on_step`` consumers (e.g. a list of
+    measurements so far) and ``restore_extra`` gets it back after the method state is loaded.
+    """
+
+    directory: Path
+    every: int = 25
+    save_extra: Callable[[], dict[str, Any]] | None = None
+    restore_extra: Callable[[dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if self.every < 1:
+            raise ValueError(f"checkpoint every must be at least 1 step, got {self.every}")
+
+    def load(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The saved progress of this run, or None when there is none; raises on another run's."""
+        path = self.directory / PROGRESS
+        if not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointMismatch(f"{path}: corrupt checkpoint ({e}); remove the directory to start over") from None
+        if saved.get("key") != key:
+            raise CheckpointMismatch(
+                f"{self.directory} holds a checkpoint of another run (method, config, protocol, edits or "
+                "model differ); remove it or choose another directory"
+            )
+        return saved
+
+    def save(self, method: EditMethod, key: dict[str, Any], position: dict[str, Any], log: dict[str, Any]) -> None:
+        """Write the method state, then point ``progress.json`` at it, then drop older states."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"state-{position['chunk']}-{position['step']}"
+        method.save_pretrained(self.directory / name)
+        extra = self.save_extra() if self.save_extra is not None else {}
+        record = {"key": key, "state": name, **position, "log": log, "extra": extra}
+        tmp = self.directory / f".{PROGRESS}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, default=str))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.directory / PROGRESS)
+        for old in self.directory.glob("state-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, method: EditMethod, saved: dict[str, Any]) -> None:
+        """Load the saved state onto ``method`` (already reset to the unedited model).
+
+        At step 0 a chunk starts from the unedited model, so only the caller's extra state returns.
+        """
+        if saved["step"] > 0:
+            directory = self.directory / saved["state"]
+            meta = read_state_meta(directory)  # checksum verified here
+            method.load_state_dict(load_file(str(directory / "state.safetensors")), meta["meta"])
+            method.batches_applied = int(meta["meta"].get("batches_applied", saved["step"]))
+        if self.restore_extra is not None:
+            self.restore_extra(saved.get("extra", {}))
+
+    def clear(self) -> None:
+        """Remove the checkpoint once the run's results are safely written."""
+        shutil.rmtree(self.directory, ignore_errors=True)
