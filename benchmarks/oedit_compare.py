@@ -105,24 +105,25 @@ class Progress:
         self.path, self.label, self.total, self.every = path, label, total, every
         self.start = time.perf_counter()
         self.steps = 0
+        self.edit_seconds = 0.0
 
-    def __call__(self, _entry: dict[str, Any]) -> None:
+    def __call__(self, entry: dict[str, Any]) -> None:
         self.steps += 1
+        self.edit_seconds += entry["seconds"]
         if self.steps % self.every and self.steps != self.total:
             return
-        elapsed = time.perf_counter() - self.start
         info = {
             **self.label,
             "steps_done": self.steps,
             "steps_total": self.total,
-            "elapsed_seconds": elapsed,
-            "seconds_per_step": elapsed / self.steps,
+            "elapsed_seconds": time.perf_counter() - self.start,  # since this process began the run
+            "edit_seconds_per_step": self.edit_seconds / self.steps,  # editing only, as in the summary
         }
         self.path.write_text(json.dumps(info, indent=1))
 
-    def resume(self, steps: int) -> None:
+    def resume(self, steps: int, edit_seconds: float) -> None:
         """Continue counting after a checkpoint (elapsed time restarts at the resume)."""
-        self.steps = steps
+        self.steps, self.edit_seconds = steps, edit_seconds
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -156,7 +157,7 @@ class UpdateCosines:
 
 def _resume(extra: dict[str, Any], cos: UpdateCosines, where: Progress) -> None:
     cos.resume(extra["cosines"])
-    where.resume(extra["steps"])
+    where.resume(extra["steps"], extra.get("edit_seconds", 0.0))
 
 
 def weights_checksum(access: ModelAccess) -> float:
@@ -250,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint = RunCheckpoint(
                         Path(args.checkpoint_dir) / f"{name + args.label}-{dataset}-T{t}".replace(" ", "_"),
                         every=args.checkpoint_every,
-                        save_extra=lambda cos=cos, where=where: {"cosines": cos.cosines, "steps": where.steps},
+                        save_extra=lambda cos=cos, where=where: {
+                            "cosines": cos.cosines,
+                            "steps": where.steps,
+                            "edit_seconds": where.edit_seconds,
+                        },
                         restore_extra=lambda extra, cos=cos, where=where: _resume(extra, cos, where),
                     )
                 record = run_protocol(

@@ -1,6 +1,11 @@
 """Markdown tables from the summaries written by ``benchmarks/oedit_compare.py``.
 
 .venv/bin/python benchmarks/oedit_table.py docs/results/raw/oedit_summary.json
+.venv/bin/python benchmarks/oedit_table.py --grid docs/results/raw/oedit_t*.json   # method x T, per dataset
+
+``--grid`` keeps the rows run with each method's defaults (no variant label, no options) and puts
+them side by side: one table per dataset, a row per method, a column per T, each cell
+"Rel / Loc / Rel EM / held-out ppl". A (method, dataset, T) present in two files is an error.
 """
 
 from __future__ import annotations
@@ -45,11 +50,50 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GRID_METHODS = ("oedit-plus", "oedit", "ft-m", "memit")
+
+
+def grid(rows: list[dict]) -> str:
+    """One table per dataset: methods down, T across, defaults-only rows."""
+    cells: dict[tuple[str, str, int], dict] = {}
+    for r in rows:
+        if r["method"] not in GRID_METHODS or r["options"]:
+            continue
+        key = (r["dataset"], r["method"], r["T"])
+        if key in cells:
+            raise SystemExit(f"{key} appears twice in the inputs")
+        cells[key] = r
+    out = []
+    for dataset in sorted({d for d, _, _ in cells}):
+        ts = sorted({t for d, _, t in cells if d == dataset})
+        ppl0 = next(r for k, r in cells.items() if k[0] == dataset)["retention_before"]["heldout.ppl"]
+        out.append(f"**{dataset}** (cell: Rel / Loc / Rel EM / held-out ppl; ppl before any edit {ppl0:.1f})\n")
+        out.append("| method | " + " | ".join(f"T = {t:,}" for t in ts) + " |")
+        out.append("|---|" + "---|" * len(ts))
+        for method in GRID_METHODS:
+            row = [method]
+            for t in ts:
+                r = cells.get((dataset, method, t))
+                if r is None:
+                    row.append("–")
+                    continue
+                m = r["metrics"]
+                row.append(
+                    f"{fmt(m.get('reliability.token_acc'))} / {fmt(m.get('locality.agreement'))} / "
+                    f"{fmt(m.get('reliability.exact_match'), 2)} / {r['retention_after']['heldout.ppl']:.0f}"
+                )
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> int:
+    args = sys.argv[1:]
+    as_grid = "--grid" in args
     rows: list[dict] = []
-    for path in sys.argv[1:]:
+    for path in (a for a in args if a != "--grid"):
         rows.extend(json.loads(Path(path).read_text()))
-    print(table(rows))
+    print(grid(rows) if as_grid else table(rows))
     return 0
 
 
