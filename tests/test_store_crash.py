@@ -185,7 +185,9 @@ def _assert_same_state(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got.keys() == want.keys()
     for k in want:
         assert got[k][0] == want[k][0], k
-        torch.testing.assert_close(torch.tensor(got[k][1]), torch.tensor(want[k][1]), rtol=0, atol=1e-6, msg=k)
+        # 1e-5: a replayed batch reproduces its update up to float32 reduction order across processes
+        # (seen: one entry of 8,192 off by 1.2e-6 after Adam steps); a lost or doubled batch is ~1e-2.
+        torch.testing.assert_close(torch.tensor(got[k][1]), torch.tensor(want[k][1]), rtol=0, atol=1e-5, msg=k)
 
 
 class Models:
