@@ -91,7 +91,7 @@ def main() -> int:
     args = sys.argv[1:]
     as_grid = "--grid" in args
     rows: list[dict] = []
-    for path in (a for a in args if a != "--grid"):
+    for path in (a for a in args if a != "--grid" and not a.endswith(".progress.json")):  # a run's sidecar
         rows.extend(json.loads(Path(path).read_text()))
     print(grid(rows) if as_grid else table(rows))
     return 0
