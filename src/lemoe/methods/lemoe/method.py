@@ -68,6 +68,12 @@ class _Runtime:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward call was given: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _is_decoding(past: Any) -> bool:
     if past is None:
         return False
@@ -261,7 +267,7 @@ class LEMoE(EditMethod):
         rt.batch = b
         keep = (
             self.config.routing == "instance"  # type: ignore[attr-defined]
-            and _is_decoding(kwargs.get("past_key_values"))
+            and _is_decoding(_cache_of(kwargs))
             and rt.choice is not None
             and rt.choice.shape[0] == b
         )
