@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from safetensors.torch import load_file
 from lemoe.methods.base import EditMethod, model_fingerprint, read_state_meta
 from lemoe.requests import EditRequest
 from lemoe.runner.protocol import Protocol
+from lemoe.store.spec import write_file_atomic
 
 PROGRESS = "progress.json"
 
@@ -89,11 +89,7 @@ class RunCheckpoint:
         method.save_pretrained(self.directory / name)
         extra = self.save_extra() if self.save_extra is not None else {}
         record = {"key": key, "state": name, **position, "log": log, "extra": extra}
-        tmp = self.directory / f".{PROGRESS}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, default=str))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / PROGRESS)
+        write_file_atomic(self.directory / PROGRESS, json.dumps(record, default=str).encode())
         for old in self.directory.glob("state-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

@@ -128,7 +128,7 @@ def run_protocol(
     bar.update(len(steps_log))
 
     def save_checkpoint(chunk_index: int, step: int, done: list[EditRequest]) -> None:
-        log = {
+        so_far = {
             "pre_edit": pre_aggregate,
             "final_scores": final_scores,
             "timeline": timeline,
@@ -137,7 +137,7 @@ def run_protocol(
             "eval_seconds": eval_seconds,
         }
         position = {"chunk": chunk_index, "step": step, "done": [r.request_id for r in done]}
-        checkpoint.save(method, key, position, log)  # type: ignore[union-attr]
+        checkpoint.save(method, key, position, so_far)  # type: ignore[union-attr]
 
     for chunk_index, chunk in enumerate(chunks):
         if saved is not None and chunk_index < saved["chunk"]:
