@@ -13,6 +13,7 @@ from lemoe.methods.base import StateError
 from lemoe.methods.coachhook import CoachHooK, CoachHooKConfig, zscores
 from lemoe.methods.coachhook.hooks import key_similarity, whitened_unit, whitening
 from lemoe.models import weight_as_out_in
+from lemoe.models.kv_cache import cache_keyword, returned_cache
 from lemoe.requests import EditRequest
 from lemoe.testing import tiny_model
 
@@ -177,10 +178,11 @@ def test_relative_score_is_per_token(family: str, tokenizer: object, cache: Path
     ratio = (x @ hook.delta.T).norm(dim=-1) / base_out.norm(dim=-1)
     assert bool((ratio >= hook.alpha).any())  # the edited prompt swaps somewhere at the first layer
     with torch.no_grad():  # the same logits token by token with a KV cache
+        kw = cache_keyword(model)
         out = model(input_ids=ids[:, :1], use_cache=True)
         steps = [out.logits]
         for t in range(1, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{kw: returned_cache(out)})
             steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
     with method.hooks_off(), torch.no_grad():

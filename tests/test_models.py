@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from lemoe.models import ModelAccess, UnsupportedModelError, weight_as_out_in
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
+from lemoe.models.kv_cache import cache_keyword, passed_cache, returned_cache
 from lemoe.testing import FAMILIES, tiny_model
 
 
@@ -101,3 +104,38 @@ def test_cache_dir_is_explicit(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("LEMOE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir() == tmp_path / "lemoe"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_kv_cache_keyword_decodes_like_a_full_pass(family: str) -> None:
+    """Token-by-token decoding under the keyword we pick matches one full pass, without the
+    deprecation warning a renamed keyword raises."""
+    model = tiny_model(family)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    kw = cache_keyword(model)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            out = model(input_ids=ids[:, :1], use_cache=True)
+            steps = [out.logits]
+            for t in range(1, ids.shape[1]):
+                past = returned_cache(out)
+                assert past is not None
+                out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{kw: past})
+                steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+
+
+def test_kv_cache_keyword_falls_back_to_past_key_values() -> None:
+    class OldStyle(nn.Module):
+        def forward(self, input_ids: object = None, past_key_values: object = None) -> object:
+            return input_ids
+
+    class Output:
+        past_key_values = "old"
+
+    assert cache_keyword(OldStyle()) == "past_key_values"
+    assert returned_cache(Output()) == "old"
+    assert passed_cache({"past_key_values": "old"}) == "old"
+    assert passed_cache({"cache": "new", "past_key_values": None}) == "new"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lemoe.batching import pad_id, pad_left, pad_right
+from lemoe.models.kv_cache import cache_keyword, returned_cache
 
 # A hook that wraps every forward pass of the evaluator. Methods whose behaviour depends on which
 # tokens are the prompt (LEMoE routes on the prompt only) receive the prompt mask through it.
@@ -181,6 +182,7 @@ def greedy_generate(
     device = next(model.parameters()).device
     pad = pad_id(tokenizer, eos_fallback=False)
     eos = getattr(tokenizer, "eos_token_id", None)
+    cache_kw = cache_keyword(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for idx in _batches(order, batch_size):
@@ -198,10 +200,10 @@ def greedy_generate(
                     input_ids=step_ids,
                     attention_mask=step_mask,
                     position_ids=positions,
-                    past_key_values=past,
                     use_cache=True,
+                    **{cache_kw: past},
                 )
-                past = res.past_key_values
+                past = returned_cache(res)
                 nxt = res.logits[:, -1].argmax(-1)
                 generated[:, t] = nxt
                 done |= (t + 1) >= limit

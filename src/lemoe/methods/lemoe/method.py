@@ -43,6 +43,7 @@ from lemoe.methods.lemoe.planning import plan_clustered
 from lemoe.methods.training import LMBatch, build_lm_batch
 from lemoe.models.access import weight_as_out_in
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
+from lemoe.models.kv_cache import passed_cache
 from lemoe.requests import EditRequest
 
 
@@ -66,12 +67,6 @@ class _Runtime:
     observed: torch.Tensor | None = None
     record: list[torch.Tensor] | None = None  # prefill decisions, when recording
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    """The KV cache a forward call was given: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _is_decoding(past: Any) -> bool:
@@ -267,7 +262,7 @@ class LEMoE(EditMethod):
         rt.batch = b
         keep = (
             self.config.routing == "instance"  # type: ignore[attr-defined]
-            and _is_decoding(_cache_of(kwargs))
+            and _is_decoding(passed_cache(kwargs))
             and rt.choice is not None
             and rt.choice.shape[0] == b
         )
