@@ -29,6 +29,11 @@ def fmt(value: object, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"  # type: ignore[str-format]
 
 
+def ppl(value: float, digits: int) -> str:
+    """Perplexity with ``digits`` decimals; a collapsed model's (≥ 1e5) in scientific notation."""
+    return f"{value:.1e}" if value >= 1e5 else f"{value:.{digits}f}"
+
+
 def table(rows: list[dict]) -> str:
     head = ["dataset", "T", "method", *[h for _, h in COLUMNS], "knowns acc before→after", "ppl before→after"]
     head += ["cos succ. (mean / mean abs)", "s/edit", "state MB", "B_k+B_e rank / limit"]
@@ -40,7 +45,7 @@ def table(rows: list[dict]) -> str:
         cells = [r["dataset"], str(r["T"]), r["method"], *[fmt(m.get(k)) for k, _ in COLUMNS]]
         cells += [
             f"{rb['knowns.token_acc']:.3f}→{ra['knowns.token_acc']:.3f}",
-            f"{rb['heldout.ppl']:.2f}→{ra['heldout.ppl']:.2f}",
+            f"{ppl(rb['heldout.ppl'], 2)}→{ppl(ra['heldout.ppl'], 2)}",
             f"{fmt(r['cos_successive_mean'])} / {fmt(r['cos_successive_abs_mean'])}",
             f"{r['seconds_per_edit']:.2f}",
             f"{r['state_bytes'] / 1e6:.1f}",
@@ -80,7 +85,7 @@ def grid(rows: list[dict]) -> str:
                 m = r["metrics"]
                 row.append(
                     f"{fmt(m.get('reliability.token_acc'))} / {fmt(m.get('locality.agreement'))} / "
-                    f"{fmt(m.get('reliability.exact_match'), 2)} / {r['retention_after']['heldout.ppl']:.0f}"
+                    f"{fmt(m.get('reliability.exact_match'), 2)} / {ppl(r['retention_after']['heldout.ppl'], 0)}"
                 )
             out.append("| " + " | ".join(row) + " |")
         out.append("")
