@@ -5,7 +5,7 @@ unedited model and scores the same retention sets as ``oedit_compare.py`` (held-
 accuracy, held-out text perplexity), before and after, plus one greedy continuation as a sanity
 look. It answers "how broken was the model at step S" without rerunning the S steps::
 
-    git archive ff14594 docs/results/raw/checkpoints | tar -x -C /tmp/ck
+    mkdir -p /tmp/ck && git archive ff14594 docs/results/raw/checkpoints | tar -x -C /tmp/ck
     .venv/bin/python benchmarks/state_retention.py \\
         /tmp/ck/docs/results/raw/checkpoints/memit-counterfact-T1500/state-0-1075
 """
