@@ -141,3 +141,60 @@ def test_cli_run_resumes_a_cut_run_on_the_real_model(tmp_path, smollm2) -> None:
     assert len(record["steps"]) == 4 and len(record["per_request"]) == 4
     assert record["aggregate"]["reliability.token_acc"] > record["pre_edit"]["reliability.token_acc"] + 0.2
     assert not (tmp_path / "ck").exists()  # removed once the results are written
+
+
+def test_checkpoint_refuses_a_folder_of_user_files_and_changes_nothing(tmp_path, capsys) -> None:
+    """The exact user mistake: ``--checkpoint ~/experiments``. Refused before any work; files survive."""
+    from lemoe.cli import main as cli_main
+
+    folder = tmp_path / "experiments"
+    (folder / "state-mine").mkdir(parents=True)  # even a name like the checkpoint's own is the user's
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "state-mine" / "weights.bin").write_bytes(b"\x00" * 16)
+    before = sorted((p.relative_to(folder), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+    code = cli_main(["run", "--method", "ft-m", "--data", "zsre:sample", "--edits", "2", "--quiet",
+                     "--checkpoint", str(folder)])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "empty directory" in err
+    after = sorted((p.relative_to(folder), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+    assert after == before
+    with pytest.raises(CheckpointMismatch, match="not a directory"):
+        RunCheckpoint(folder / "notes.txt")
+
+
+def test_clear_removes_only_what_the_checkpoint_wrote(tokenizer, sample_requests, tmp_path) -> None:
+    model = tiny_model("llama")
+    ev = Evaluator(model, tokenizer, exact_match=False)
+    method = build_method("ft-l", model, tokenizer, FT_FAST)
+    protocol = Protocol(edits=6, edits_per_step=1)
+
+    given = tmp_path / "given"  # an empty directory the user made: it stays, empty
+    given.mkdir()
+    ckpt = RunCheckpoint(given, every=2)
+    run_protocol(method, sample_requests, protocol, ev, progress=False, checkpoint=ckpt)
+    assert (given / "progress.json").is_file()
+    ckpt.clear()
+    assert given.is_dir() and not any(given.iterdir())
+
+    made = tmp_path / "made"  # created by the checkpoint; a file added during the run survives
+    method.reset()
+    ckpt = RunCheckpoint(made, every=2)
+    with pytest.raises(Cut):
+        run_protocol(method, sample_requests, protocol, ev, progress=False, on_step=_cut_after(3), checkpoint=ckpt)
+    (made / "notes.txt").write_text("kept")
+    (made / "state-notes").mkdir()
+    method.reset()
+    resumed = RunCheckpoint(made, every=2)  # a new process: learns from progress.json that it made the folder
+    run_protocol(method, sample_requests, protocol, ev, progress=False, checkpoint=resumed)
+    assert (made / "state-notes").is_dir()  # not the checkpoint's naming: never pruned
+    resumed.clear()
+    assert sorted(p.name for p in made.iterdir()) == ["notes.txt", "state-notes"]
+    assert (made / "notes.txt").read_text() == "kept"
+
+    method.reset()
+    fresh = tmp_path / "fresh"
+    ckpt = RunCheckpoint(fresh, every=2)
+    run_protocol(method, sample_requests, protocol, ev, progress=False, checkpoint=ckpt)
+    ckpt.clear()
+    assert not fresh.exists()  # created by the checkpoint and left empty: removed

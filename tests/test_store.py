@@ -321,6 +321,42 @@ def test_verify_detects_truncated_checkpoint_and_edited_journal(ft_store: Path, 
         EditStore.open(ft_store, loaded=tiny_loaded(tokenizer))
 
 
+@pytest.mark.parametrize("name", ["../../victim", "/tmp/victim-abs", "ckpt-00000001/../../../victim", "ckpt-00000099"])
+def test_journal_paths_that_leave_the_store_are_refused(
+    ft_store: Path, tokenizer: object, tmp_path: Path, name: str
+) -> None:
+    """A checkpoint row naming any folder but its own (absolute, ``..``, another id) is refused by open
+    and verify; the folder it names is neither read nor removed, and the store is left as it was."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("user data")
+    target = name.replace("/tmp/victim-abs", str(victim))
+    conn = sqlite3.connect(ft_store / "journal.sqlite")
+    oldest = conn.execute("SELECT MIN(ckpt_id) FROM checkpoints").fetchone()[0]
+    conn.execute("UPDATE checkpoints SET dirname = ? WHERE ckpt_id = ?", (target, oldest))
+    conn.commit()
+    conn.close()
+    before = journal_rows(ft_store)
+    report = verify_store(ft_store)
+    assert not report.ok and any("names folder" in p and "not 'ckpt-" in p for p in report.problems)
+    with pytest.raises(StoreCorruptError, match="names folder"):
+        EditStore.open(ft_store, loaded=tiny_loaded(tokenizer))
+    assert (victim / "keep.txt").read_text() == "user data"
+    assert journal_rows(ft_store) == before
+
+
+def test_store_leaves_foreign_entries_in_its_checkpoint_folder(ft_store: Path, tokenizer: object) -> None:
+    mine = ft_store / "checkpoints" / "my-notes"
+    mine.mkdir()
+    (mine / "a.txt").write_text("x")
+    report = verify_store(ft_store)
+    assert report.ok and any("not written by the store" in w for w in report.warnings)
+    with EditStore.open(ft_store, loaded=tiny_loaded(tokenizer)) as store:
+        store.submit(make_requests(8)[6:])
+        store.apply_pending()  # writes a checkpoint and prunes old ones
+    assert (mine / "a.txt").read_text() == "x"
+
+
 def test_export_loads_on_a_fresh_model(ft_store: Path, tokenizer: object, tmp_path: Path) -> None:
     with EditStore.open(ft_store, loaded=tiny_loaded(tokenizer)) as store:
         delta = ft_delta(store)

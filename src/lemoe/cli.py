@@ -58,8 +58,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         default=None,
-        help="resumable run: save state and progress here every --checkpoint-every steps; the same command "
-        "run again resumes after the last checkpoint; removed when the run completes",
+        help="resumable run: save state and progress here (a new or empty directory) every --checkpoint-every "
+        "steps; the same command run again resumes after the last checkpoint; the checkpoint's own files are "
+        "removed when the run completes, nothing else",
     )
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -80,13 +81,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         order=args.order,
         seed=args.seed,
     )
+    progress: dict[str, Any] = {"status": "running", "method": args.method, "steps": [], "timeline": []}
+    checkpoint = None
+    if args.checkpoint:  # checked first: a directory of the user's files is refused before any work
+        checkpoint = RunCheckpoint(
+            Path(args.checkpoint),
+            every=args.checkpoint_every,
+            save_extra=lambda: {"steps": progress["steps"], "timeline": progress["timeline"]},
+            restore_extra=progress.update,
+        )
     requests, data_identity = load_spec(args.data, zsre_target=args.zsre_target)
     model, tokenizer = load_model(args.model, device=args.device)
     method = build_method(args.method, model, tokenizer, dict(args.opt))
     evaluator = Evaluator(
         model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, perplexity=args.ppl
     )
-    progress: dict[str, Any] = {"status": "running", "method": args.method, "steps": [], "timeline": []}
 
     def keep(key: str) -> Callable[[dict[str, Any]], None]:
         # A long run keeps what it has measured in --out until the full record replaces it.
@@ -96,14 +105,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return add
 
-    checkpoint = None
-    if args.checkpoint:
-        checkpoint = RunCheckpoint(
-            Path(args.checkpoint),
-            every=args.checkpoint_every,
-            save_extra=lambda: {"steps": progress["steps"], "timeline": progress["timeline"]},
-            restore_extra=progress.update,
-        )
     record = run_protocol(
         method, requests, protocol, evaluator, evaluate_pre=not args.no_pre, progress=not args.quiet,
         on_step=keep("steps") if args.out else None, on_eval=keep("timeline") if args.out else None,

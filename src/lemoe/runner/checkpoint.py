@@ -10,12 +10,18 @@ Directory layout: ``progress.json`` (which run this is, how far it got, the runn
 atomically only after its state directory is complete, and older state directories are removed
 only after that, so a crash at any moment leaves a consistent pair. A checkpoint of another run
 (other method, config, protocol, requests or base model) is refused with an error, never resumed.
+
+The directory may be the user's: a non-empty directory that holds no checkpoint is refused before
+anything is written, and ``clear`` removes only the files this checkpoint wrote (``progress.json``
+and its ``state-<chunk>-<step>/`` folders), and the directory itself only when the checkpoint
+created it and nothing else is left in it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +36,11 @@ from lemoe.runner.protocol import Protocol
 from lemoe.store.spec import write_file_atomic
 
 PROGRESS = "progress.json"
+STATE_NAME = re.compile(r"state-\d+-\d+")
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint directory holds another run's progress."""
+    """The checkpoint directory holds another run's progress, or files that are not a checkpoint."""
 
 
 def run_key(method: EditMethod, protocol: Protocol, ordered: Sequence[EditRequest]) -> dict[str, Any]:
@@ -65,6 +72,21 @@ class RunCheckpoint:
         self.directory = Path(self.directory)
         if self.every < 1:
             raise ValueError(f"checkpoint every must be at least 1 step, got {self.every}")
+        self._created = not self.directory.exists()
+        if not self._created:
+            self._refuse_foreign_directory()
+
+    def _refuse_foreign_directory(self) -> None:
+        """A directory that exists must be empty or hold a checkpoint: never write into user files."""
+        if not self.directory.is_dir():
+            raise CheckpointMismatch(f"{self.directory} is not a directory; choose a new or empty directory")
+        if (self.directory / PROGRESS).is_file():
+            return
+        if any(self.directory.iterdir()):
+            raise CheckpointMismatch(
+                f"{self.directory} is not empty and holds no checkpoint ({PROGRESS} missing); nothing was "
+                "written. Choose a new or empty directory for --checkpoint"
+            )
 
     def load(self, key: dict[str, Any]) -> dict[str, Any] | None:
         """The saved progress of this run, or None when there is none; raises on another run's."""
@@ -75,11 +97,12 @@ class RunCheckpoint:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointMismatch(f"{path}: corrupt checkpoint ({e}); remove the directory to start over") from None
-        if saved.get("key") != key:
+        if not isinstance(saved, dict) or saved.get("key") != key:
             raise CheckpointMismatch(
                 f"{self.directory} holds a checkpoint of another run (method, config, protocol, edits or "
                 "model differ); remove it or choose another directory"
             )
+        self._created = bool(saved.get("created_directory", False))
         return saved
 
     def save(self, method: EditMethod, key: dict[str, Any], position: dict[str, Any], log: dict[str, Any]) -> None:
@@ -88,11 +111,28 @@ class RunCheckpoint:
         name = f"state-{position['chunk']}-{position['step']}"
         method.save_pretrained(self.directory / name)
         extra = self.save_extra() if self.save_extra is not None else {}
-        record = {"key": key, "state": name, **position, "log": log, "extra": extra}
+        record = {
+            "key": key,
+            "state": name,
+            **position,
+            "log": log,
+            "extra": extra,
+            "created_directory": self._created,
+        }
         write_file_atomic(self.directory / PROGRESS, json.dumps(record, default=str).encode())
-        for old in self.directory.glob("state-*"):
+        for old in self._written_states():
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _written_states(self) -> list[Path]:
+        """State folders this checkpoint wrote (its own naming, a saved method state inside)."""
+        if not self.directory.is_dir():
+            return []
+        return [
+            p
+            for p in self.directory.iterdir()
+            if p.is_dir() and not p.is_symlink() and STATE_NAME.fullmatch(p.name) and (p / "config.json").is_file()
+        ]
 
     def restore(self, method: EditMethod, saved: dict[str, Any]) -> None:
         """Load the saved state onto ``method`` (already reset to the unedited model).
@@ -108,5 +148,9 @@ class RunCheckpoint:
             self.restore_extra(saved.get("extra", {}))
 
     def clear(self) -> None:
-        """Remove the checkpoint once the run's results are safely written."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Remove what the checkpoint wrote once the run's results are safely written; nothing else."""
+        for state in self._written_states():
+            shutil.rmtree(state, ignore_errors=True)
+        (self.directory / PROGRESS).unlink(missing_ok=True)
+        if self._created and self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()

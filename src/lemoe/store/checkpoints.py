@@ -18,13 +18,16 @@ from typing import Any
 from safetensors.torch import load_file
 
 from lemoe.methods.base import EditMethod, StateError, read_state_meta
-from lemoe.store.spec import StoreCorruptError, fsync_dir, sha256_file, write_file_atomic
+from lemoe.store.spec import (
+    StoreCorruptError,
+    checkpoint_dirname,
+    fsync_dir,
+    is_own_checkpoint_entry,
+    sha256_file,
+    write_file_atomic,
+)
 
 MANIFEST = "manifest.json"
-
-
-def checkpoint_dirname(ckpt_id: int) -> str:
-    return f"ckpt-{ckpt_id:08d}"
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,16 @@ def load_checkpoint(method: EditMethod, folder: Path, state_sha256: str, config_
 
 
 def stray_folders(root: Path, known: set[str]) -> list[Path]:
-    """Checkpoint folders the journal does not name (left by a killed write)."""
+    """Folders of the store's own naming that the journal does not name (left by a killed write)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name not in known)
+    return sorted(
+        p for p in root.iterdir() if p.name not in known and is_own_checkpoint_entry(p.name) and not p.is_symlink()
+    )
+
+
+def foreign_entries(root: Path) -> list[Path]:
+    """Entries under ``checkpoints/`` that the store never writes: reported, never read or deleted."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not is_own_checkpoint_entry(p.name) or p.is_symlink())

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lemoe.requests import EditRequest
-from lemoe.store.spec import StoreCorruptError, canonical_json, sha256_text
+from lemoe.store.spec import StoreCorruptError, canonical_json, checkpoint_dirname, sha256_text
 
 SCHEMA_VERSION = 1
 
@@ -334,13 +334,23 @@ def insert_checkpoint(conn: sqlite3.Connection, row: CheckpointRow) -> None:
 
 
 def list_checkpoints(conn: sqlite3.Connection) -> list[CheckpointRow]:
-    """All checkpoints, newest first."""
+    """All checkpoints, newest first. A row whose folder name is not the one its id gives is refused:
+    the journal is read as untrusted input, so no path from it can leave ``checkpoints/``."""
     out = []
     for r in conn.execute("SELECT * FROM checkpoints ORDER BY ckpt_id DESC").fetchall():
+        expected = checkpoint_dirname(r[0])
+        if r[1] != expected:
+            raise StoreCorruptError(
+                f"journal: checkpoint {r[0]} names folder {r[1]!r}, not {expected!r}; the journal was changed "
+                "outside lemoe, so nothing was read or removed (restore the store from a backup)"
+            )
         try:
             batches = tuple(int(b) for b in json.loads(r[2]))
         except (ValueError, TypeError) as e:
             raise StoreCorruptError(f"journal: checkpoint {r[0]} has a corrupt batch list ({e})") from None
+        for value in r[3:6]:
+            if not isinstance(value, str) or len(value) != 64:
+                raise StoreCorruptError(f"journal: checkpoint {r[0]} has a malformed checksum or digest")
         out.append(CheckpointRow(r[0], r[1], batches, r[3], r[4], r[5], r[6]))
     return out
 

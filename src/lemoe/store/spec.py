@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ SPEC_FILE = "store.json"
 JOURNAL_FILE = "journal.sqlite"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "writer.lock"
+# The only folder names a store reads or deletes under CHECKPOINT_DIR: its checkpoints and the
+# private folders they are written in. Anything else there is not the store's and is left alone.
+_OWN_CHECKPOINT_ENTRY = re.compile(r"(?:ckpt-\d{8}|\.tmp-ckpt-\d{8}-\d+)")
 
 
 class StoreError(ValueError):
@@ -73,6 +77,18 @@ class StoreSpec:
         if missing or set(data) - names:
             raise StoreCorruptError(f"{where}: missing {sorted(missing)} / unknown {sorted(set(data) - names)} keys")
         return cls(**data)
+
+
+def checkpoint_dirname(ckpt_id: int) -> str:
+    """The folder of checkpoint ``ckpt_id``: always derived from the id, never read from a file."""
+    if not isinstance(ckpt_id, int) or not 1 <= ckpt_id <= 99_999_999:
+        raise StoreCorruptError(f"checkpoint id {ckpt_id!r} is not a positive id of at most 8 digits")
+    return f"ckpt-{ckpt_id:08d}"
+
+
+def is_own_checkpoint_entry(name: str) -> bool:
+    """Whether a name under ``checkpoints/`` is one the store writes (a checkpoint or its temp folder)."""
+    return _OWN_CHECKPOINT_ENTRY.fullmatch(name) is not None
 
 
 def canonical_json(data: Any) -> str:

@@ -3,7 +3,10 @@
 Checks: identity (store.json against the journal), SQLite integrity, every edit's content hash and
 the hash chain over all edits, status consistency between edits and batches, and every checkpoint's
 files (checksums, loadable config, manifest) against the journal, including a digest of the edits
-each checkpoint holds. Debris of killed writes is reported as a warning, not a problem.
+each checkpoint holds. The checkpoints table is covered field by field: the folder name must be the
+one its id gives (never a path read from the file), the manifest must name the same id and batches,
+the file checksums must match, and the edits digest is recomputed from the hash-chained edits.
+Debris of killed writes is reported as a warning, not a problem.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from lemoe.requests import InvalidRequestError
 from lemoe.store import journal
-from lemoe.store.checkpoints import check_checkpoint_files, read_manifest, stray_folders
+from lemoe.store.checkpoints import check_checkpoint_files, foreign_entries, read_manifest, stray_folders
 from lemoe.store.spec import CHECKPOINT_DIR, StoreError, sha256_text
 from lemoe.store.store import open_readonly
 
@@ -116,7 +119,11 @@ def _check(root: Path, spec: Any, conn: sqlite3.Connection, report: VerifyReport
 def _check_checkpoints(
     root: Path, spec: Any, conn: sqlite3.Connection, report: VerifyReport, batches: dict[int, Any]
 ) -> None:
-    checkpoints = journal.list_checkpoints(conn)
+    try:
+        checkpoints = journal.list_checkpoints(conn)
+    except StoreError as e:
+        report.problems.append(str(e))
+        return
     report.summary["checkpoints"] = [c.ckpt_id for c in checkpoints]
     ckpt_root = root / CHECKPOINT_DIR
     live = journal.live_batches(conn)
@@ -133,6 +140,8 @@ def _check_checkpoints(
             report.problems.append(f"{where}: written by another method or config ({meta['method']})")
         if meta["model"] != spec.model_fingerprint:
             report.problems.append(f"{where}: written for another base model")
+        if manifest.get("ckpt_id") != c.ckpt_id:
+            report.problems.append(f"{where}: manifest names checkpoint {manifest.get('ckpt_id')!r}")
         if manifest["batches"] != list(c.batches):
             report.problems.append(f"{where}: manifest batches differ from the journal's")
         if manifest.get("edits_digest") != c.edits_digest:
@@ -151,6 +160,8 @@ def _check_checkpoints(
             report.warnings.append(f"{behind} live batch(es) after the newest checkpoint: re-applied on open")
     for stray in stray_folders(ckpt_root, {c.dirname for c in checkpoints}):
         report.warnings.append(f"{stray}: not named by the journal (debris of a killed write; removed on open)")
+    for entry in foreign_entries(ckpt_root):
+        report.warnings.append(f"{entry}: not written by the store (never read or removed; move it elsewhere)")
     report.summary["live_batches"] = len(live)
 
 
