@@ -16,7 +16,7 @@ from lemoe.requests import EditRequest, InvalidRequestError
 from lemoe.testing import tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gptj", "gpt_neox", "opt"]
-OPTS = {"layer": 2, "steps": 40, "lr": 2e-2}
+OPTS = {"layer": 2, "steps": 40, "lr": 2e-2, "train_chat": False}  # chat wording: test_lemoe_clauses
 EDITS = [
     EditRequest(prompt="The capital of Freedonia is", target_new="Quuxville"),
     EditRequest(prompt="The mother tongue of Danielle Darrieux is", target_new="Klingon"),

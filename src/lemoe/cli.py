@@ -25,6 +25,25 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), value
 
 
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
+    from lemoe.evaluation.evaluator import ALL_PROBES
+
+    p.add_argument(
+        "--skip-probe",
+        action="append",
+        choices=ALL_PROBES,
+        default=[],
+        metavar="KIND",
+        help=f"leave out a probe kind (repeatable): {', '.join(ALL_PROBES)}; 'chat' needs a tokenizer chat template",
+    )
+
+
+def _probes(args: argparse.Namespace) -> tuple[str, ...]:
+    from lemoe.evaluation.evaluator import ALL_PROBES
+
+    return tuple(k for k in ALL_PROBES if k not in args.skip_probe)
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from lemoe.methods import method_names
     from lemoe.models import DEFAULT_MODEL
@@ -48,8 +67,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--opt", action="append", type=_parse_option, default=[], metavar="KEY=VALUE", help="method option (repeatable)"
     )
-    p.add_argument("--no-exact-match", action="store_true", help="skip greedy exact-match scoring")
+    p.add_argument(
+        "--no-exact-match",
+        action="store_true",
+        help="skip greedy exact-match scoring (the chat probe generates anyway; --skip-probe chat)",
+    )
     p.add_argument("--ppl", action="store_true", help="also score perplexity of targets")
+    _add_probe_args(p)
     p.add_argument("--no-pre", action="store_true", help="skip scoring the unedited model on the edit set")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     p.add_argument("--device", default="cpu")
@@ -92,10 +116,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     requests, data_identity = load_spec(args.data, zsre_target=args.zsre_target)
     model, tokenizer = load_model(args.model, device=args.device)
-    method = build_method(args.method, model, tokenizer, dict(args.opt))
-    evaluator = Evaluator(
-        model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, perplexity=args.ppl
+    evaluator = Evaluator(  # before the method: a probe the tokenizer cannot serve is refused first
+        model,
+        tokenizer,
+        batch_size=args.batch_size,
+        exact_match=not args.no_exact_match,
+        perplexity=args.ppl,
+        probes=_probes(args),
     )
+    method = build_method(args.method, model, tokenizer, dict(args.opt))
 
     def keep(key: str) -> Callable[[dict[str, Any]], None]:
         # A long run keeps what it has measured in --out until the full record replaces it.
@@ -153,7 +182,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     requests, _ = load_spec(args.data, zsre_target=args.zsre_target)
     requests = requests[: args.edits] if args.edits else requests
     model, tokenizer = load_model(args.model, device=args.device)
-    evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match)
+    evaluator = Evaluator(
+        model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, probes=_probes(args)
+    )
     reference = evaluator.reference(requests)  # before the state is applied: the unedited model
     method = load_method(str(path), model, tokenizer)
     result = evaluator.evaluate(requests, reference, method.forward_context)
@@ -196,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--edits", type=int, default=None, help="score only the first N requests")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--no-exact-match", action="store_true")
+    _add_probe_args(ev)
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
 

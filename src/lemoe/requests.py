@@ -1,7 +1,8 @@
 """Typed edit requests and their validation.
 
 An edit request says: given ``prompt``, the model should now answer ``target_new``. Everything the
-evaluator needs to judge the edit travels with it (paraphrases, locality and portability probes).
+evaluator needs to judge the edit travels with it (paraphrases, locality and portability probes,
+prompts about other facts of the same subject).
 Validation runs over a whole batch before any method sees it, so a batch with one bad record is
 rejected whole and nothing is applied.
 """
@@ -27,6 +28,11 @@ class Probe:
     answer: str
 
 
+# Fields newer than the request format's first release: absent from to_dict (and so from
+# content_hash and request_id) while empty.
+OMITTED_WHEN_EMPTY = ("same_subject",)
+
+
 @dataclass(frozen=True)
 class EditRequest:
     prompt: str
@@ -37,10 +43,13 @@ class EditRequest:
     locality: tuple[Probe, ...] = ()
     portability: tuple[Probe, ...] = ()
     request_id: str = ""
+    # Prompts about other facts of ``subject`` (answers come from the unedited model at evaluation).
+    same_subject: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so requests stay hashable and immutable.
         object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
+        object.__setattr__(self, "same_subject", tuple(self.same_subject))
         object.__setattr__(self, "locality", tuple(p if isinstance(p, Probe) else Probe(**p) for p in self.locality))
         object.__setattr__(
             self,
@@ -51,14 +60,22 @@ class EditRequest:
             object.__setattr__(self, "request_id", self.content_hash()[:16])
 
     def content_hash(self) -> str:
-        payload = {k: v for k, v in self.to_dict().items() if k != "request_id"}
+        """The edit's identity: what is edited and how it is judged, except ``same_subject``, which
+        loaders derive from templates (changing the templates must not rename every edit)."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in ("request_id", "same_subject")}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields. Optional fields added after the first release are left out while
+        empty, so a request without them serialises (and hashes, and journals) exactly as before."""
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["locality"] = [asdict(p) for p in self.locality]
         d["portability"] = [asdict(p) for p in self.portability]
+        d["same_subject"] = list(self.same_subject)
+        for name in OMITTED_WHEN_EMPTY:
+            if not d[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -84,8 +101,9 @@ class EditRequest:
                     raise InvalidRequestError(f"{where}: {name}[{j}] must be an object with exactly prompt and answer")
                 checked.append(Probe(prompt=p["prompt"], answer=p["answer"]))
             kwargs[name] = tuple(checked)
-        if "paraphrases" in kwargs and not isinstance(kwargs["paraphrases"], (list, tuple)):
-            raise InvalidRequestError(f"{where}: paraphrases must be a list of strings")
+        for name in ("paraphrases", "same_subject"):
+            if name in kwargs and not isinstance(kwargs[name], (list, tuple)):
+                raise InvalidRequestError(f"{where}: {name} must be a list of strings")
         try:
             req = cls(**kwargs)
         except TypeError as e:  # missing required field
@@ -119,8 +137,9 @@ def validate_request(req: EditRequest, *, where: str = "request") -> None:
             raise InvalidRequestError(f"{where}: subject {req.subject!r} does not occur in prompt {req.prompt!r}")
     if req.target_true is not None:
         _check_text(req.target_true, "target_true", where, max_chars=MAX_TARGET_CHARS)
-    for j, p in enumerate(req.paraphrases):
-        _check_text(p, f"paraphrases[{j}]", where, max_chars=MAX_PROMPT_CHARS)
+    for name in ("paraphrases", "same_subject"):
+        for j, p in enumerate(getattr(req, name)):
+            _check_text(p, f"{name}[{j}]", where, max_chars=MAX_PROMPT_CHARS)
     for kind in ("locality", "portability"):
         for j, probe in enumerate(getattr(req, kind)):
             _check_text(probe.prompt, f"{kind}[{j}].prompt", where, max_chars=MAX_PROMPT_CHARS)

@@ -3,6 +3,11 @@
 Every loader is deterministic: the same file (and seed, where a shuffle is asked for) gives the
 same requests in the same order. Records are validated as they are read, and a bad record raises
 an error naming the file and record index.
+
+The dataset loaders (ZsRE, CounterFact, hallucination, temporal) also attach ``same_subject``
+prompts: a record's own ``same_subject`` list when it has one, else prompts derived from its
+subject with :func:`lemoe.data.probes.same_subject_prompts`. The generic JSON(L) loader takes
+request fields verbatim and derives nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from lemoe.data.probes import same_subject_prompts
 from lemoe.requests import EditRequest, InvalidRequestError, Probe
 
 ZsreTarget = Literal["alt", "answer"]
@@ -43,19 +49,33 @@ def _strip_nq(prompt: str) -> str:
     return prompt[len("nq question: ") :] if prompt.startswith("nq question: ") else prompt
 
 
+def _same_subject(rec: Mapping[str, Any], subject: str | None, prompts: Iterable[str]) -> tuple[str, ...]:
+    """The record's explicit ``same_subject`` prompts (checked here: a string would split into
+    characters), or the templates derived from its subject."""
+    if "same_subject" not in rec:
+        return same_subject_prompts(subject, prompts)
+    given = rec["same_subject"]
+    if not isinstance(given, list) or not all(isinstance(p, str) and p.strip() for p in given):
+        raise InvalidRequestError(f"same_subject must be a list of non-empty strings, got {given!r:.80}")
+    return tuple(given)
+
+
 def zsre_record(rec: Mapping[str, Any], target: ZsreTarget = "alt") -> EditRequest:
     """MEND-format ZsRE: edit toward ``alt`` (EasyEdit/WISE) or ``answers[0]`` (ROME/MEMIT)."""
     answers = rec.get("answers") or []
     new = rec["alt"] if target == "alt" else answers[0]
     loc = (Probe(_strip_nq(rec["loc"]), rec["loc_ans"]),) if rec.get("loc") else ()
     subject = rec.get("subject")
+    subject = subject if subject and subject in rec["src"] else None
+    paraphrases = (rec["rephrase"],) if rec.get("rephrase") else ()
     return EditRequest(
         prompt=rec["src"],
         target_new=new,
-        subject=subject if subject and subject in rec["src"] else None,
+        subject=subject,
         target_true=answers[0] if answers and target == "alt" else None,
-        paraphrases=(rec["rephrase"],) if rec.get("rephrase") else (),
+        paraphrases=paraphrases,
         locality=loc,
+        same_subject=_same_subject(rec, subject, (rec["src"], *paraphrases)),
     )
 
 
@@ -66,48 +86,57 @@ def counterfact_record(rec: Mapping[str, Any]) -> EditRequest:
         prompt = rw["prompt"].format(rw["subject"])
         neighbours = rec.get("neighborhood_prompts", [])
         true = rw["target_true"]["str"]
+        paraphrases = tuple(rec.get("paraphrase_prompts", []))
         return EditRequest(
             prompt=prompt,
             target_new=rw["target_new"]["str"],
             subject=rw["subject"],
             target_true=true,
-            paraphrases=tuple(rec.get("paraphrase_prompts", [])),
+            paraphrases=paraphrases,
             # ROME's neighbourhood prompts are about other subjects sharing the true attribute.
             locality=tuple(Probe(p, true) for p in neighbours),
             request_id=f"cf-{rec['case_id']}" if "case_id" in rec else "",
+            same_subject=_same_subject(rec, rw["subject"], (prompt, *paraphrases)),
         )
     rephrase = rec.get("rephrase_prompt")
+    paraphrases = (rephrase,) if rephrase else ()
     return EditRequest(
         prompt=rec["prompt"],
         target_new=rec["target_new"],
         subject=rec.get("subject"),
         target_true=rec.get("ground_truth"),
-        paraphrases=(rephrase,) if rephrase else (),
+        paraphrases=paraphrases,
         locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),) if rec.get("locality_prompt") else (),
         request_id=f"cf-{rec['case_id']}" if "case_id" in rec else "",
+        same_subject=_same_subject(rec, rec.get("subject"), (rec["prompt"], *paraphrases)),
     )
 
 
 def hallucination_record(rec: Mapping[str, Any]) -> EditRequest:
     """WISE hallucination set: scored by perplexity of ``target_new``."""
     subject = rec.get("subject")
+    subject = subject if subject and subject in rec["prompt"] else None
     return EditRequest(
         prompt=rec["prompt"],
         target_new=rec["target_new"],
-        subject=subject if subject and subject in rec["prompt"] else None,
+        subject=subject,
         locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),) if rec.get("locality_prompt") else (),
+        same_subject=_same_subject(rec, subject, (rec["prompt"],)),
     )
 
 
 def temporal_record(rec: Mapping[str, Any]) -> EditRequest:
     """WISE temporal set: ``ood_rephrase`` is the out-of-distribution generality probe."""
     subject = rec.get("subject")
+    subject = subject if subject and subject in rec["prompt"] else None
+    paraphrases = (rec["ood_rephrase"],) if rec.get("ood_rephrase") else ()
     return EditRequest(
         prompt=rec["prompt"],
         target_new=rec["target_new"],
-        subject=subject if subject and subject in rec["prompt"] else None,
-        paraphrases=(rec["ood_rephrase"],) if rec.get("ood_rephrase") else (),
+        subject=subject,
+        paraphrases=paraphrases,
         locality=(Probe(rec["locality_prompt"], rec["locality_ground_truth"]),) if rec.get("locality_prompt") else (),
+        same_subject=_same_subject(rec, subject, (rec["prompt"], *paraphrases)),
     )
 
 

@@ -8,7 +8,10 @@ Scorer names (every result carries one):
                   argmax equals the unedited model's (relative locality; needs a reference).
 - ``exact_match`` greedy decoding from the prompt with a natural stop (EOS, newline, sentence end),
                   normalised string equality with the answer.
-- ``ppl``         perplexity of the answer given the prompt.
+- ``ppl``         perplexity of the answer given the prompt (``control.ppl``: of a whole fixed text).
+- ``contains``    free greedy generation; the normalised answer occurs in the normalised generation
+                  at word boundaries.
+- ``ngram_entropy`` ROME's fluency measure of a free generation (see :func:`ngram_entropy`).
 
 All passes right-pad (positions stay natural for teacher forcing) and sort by length so a batch
 holds sequences of similar size. Generation left-pads with explicit position ids.
@@ -16,8 +19,10 @@ holds sequences of similar size. Generation left-pads with explicit position ids
 
 from __future__ import annotations
 
+import math
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -45,11 +50,36 @@ class Encoded:
     answer_ids: tuple[int, ...]
 
 
-def encode_pairs(tokenizer: object, prompts: Sequence[str], answers: Sequence[str]) -> list[Encoded]:
-    """Tokenise prompt and ``" " + answer`` separately so answer positions are exact."""
-    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-    a_ids = tokenizer([" " + a.lstrip() for a in answers], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+def encode_pairs(
+    tokenizer: object,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    prompt_ids: Sequence[Sequence[int] | None] | None = None,
+) -> list[Encoded]:
+    """Tokenise prompt and ``" " + answer`` separately so answer positions are exact.
+
+    A row whose ``prompt_ids`` entry is given keeps those ids as its prompt (already tokenised,
+    e.g. through a chat template, special tokens included) instead of tokenising ``prompts[i]``."""
+    given = list(prompt_ids) if prompt_ids is not None else [None] * len(prompts)
+    todo = [i for i, g in enumerate(given) if g is None]
+    p_ids: list[Sequence[int]] = [g if g is not None else () for g in given]
+    if todo:
+        fresh = tokenizer([prompts[i] for i in todo], add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+        for i, ids in zip(todo, fresh, strict=True):
+            p_ids[i] = ids
+    a_ids: list[Sequence[int]] = []
+    if answers:
+        a_ids = tokenizer([" " + a.lstrip() for a in answers], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
     return [Encoded(tuple(p), tuple(a)) for p, a in zip(p_ids, a_ids, strict=True)]
+
+
+def chat_prompt_ids(tokenizer: object, prompt: str) -> tuple[int, ...]:
+    """``prompt`` as one user turn of the tokenizer's chat template, ready for the assistant's reply.
+    The template writes its own special tokens, so tokenising adds none (no second BOS)."""
+    text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
 
 
 @contextmanager
@@ -229,6 +259,80 @@ def greedy_generate(
 
 def exact_match(generations: Sequence[str], answers: Sequence[str]) -> list[float]:
     return [float(matches_with_natural_stop(g, a)) for g, a in zip(generations, answers, strict=True)]
+
+
+def contains_answer(generation: str, answer: str) -> bool:
+    """The normalised answer occurs in the normalised generation as whole words. A chat reply
+    ("Sure! The capital is Rome.") is judged on whether it says the answer, not on its first words.
+    An answer that normalises to nothing (only articles/punctuation) is never contained."""
+    a, g = normalise_answer(answer), normalise_answer(generation)
+    return bool(a) and f" {a} " in f" {g} "
+
+
+def contains(generations: Sequence[str], answers: Sequence[str]) -> list[float]:
+    return [float(contains_answer(g, a)) for g, a in zip(generations, answers, strict=True)]
+
+
+NGRAM_ORDERS = (2, 3)
+NGRAM_WEIGHTS = (2 / 3, 4 / 3)
+
+
+def ngram_entropy(text: str) -> float:
+    """ROME's fluency measure (Meng et al. 2022, ``compute_n_gram_entropy``) without nltk.
+
+    Words are the whitespace-separated pieces of ``text``. For n = 2 and 3, H_n is the entropy in
+    bits of the frequency distribution of the text's word n-grams, ``-sum f log2 f``. The score is
+    the weighted mean ``(2/3 * H_2 + 4/3 * H_3) / 2``. Repetitive text (the failure mode of an
+    over-edited model) scores near 0; k distinct words score ``(2/3 log2(k-1) + 4/3 log2(k-2)) / 2``.
+    A text too short to hold an n-gram contributes H_n = 0.
+    """
+    words = text.split()
+    weighted = []
+    for n, w in zip(NGRAM_ORDERS, NGRAM_WEIGHTS, strict=True):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        weighted.append(w * h)
+    return sum(weighted) / len(weighted)
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, when its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+@torch.no_grad()
+def sequence_perplexity(
+    model: torch.nn.Module,
+    tokenizer: object,
+    ids: Sequence[int],
+    *,
+    context: ForwardContext = no_context,
+    max_length: int | None = None,
+) -> float:
+    """Perplexity of a whole token sequence: exp of the mean NLL of every token after the first.
+
+    A sequence longer than ``max_length`` is cut into consecutive windows of that length, each
+    scored on its own (its first token unpredicted); all windows go through one batched forward
+    pass. Every real token is marked as prompt for ``context``."""
+    device = next(model.parameters()).device
+    size = max_length or len(ids)
+    windows = [tuple(ids[i : i + size]) for i in range(0, len(ids), size)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise ValueError("sequence_perplexity needs at least two tokens")
+    batch, mask = pad_right(windows, pad_id(tokenizer, eos_fallback=False))
+    batch, mask = batch.to(device), mask.to(device)
+    with context(mask.bool()):
+        logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)
+    scored = mask[:, 1:].bool()
+    return float(torch.exp(-logp[scored].mean()))
 
 
 def newline_token_ids(tokenizer: object) -> torch.Tensor:

@@ -3,7 +3,9 @@
 The runner caches the unedited model's locality answers before the first edit, optionally scores
 the unedited model on the edit set (the "pre" row), applies the edit stream step by step, evaluates
 on the protocol's schedule, and for chunked protocols resets the method in memory between chunks
-(no reload from disk). The record holds everything needed to trust and reproduce a number.
+(no reload from disk). The record holds everything needed to trust and reproduce a number, and
+the final evaluations' generated texts (``outputs``), global numbers (``control.ppl``, averaged
+over the final evaluations in ``aggregate``) and skipped-probe counts (``skipped_probes``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lemoe.evaluation import Evaluator, Reference
+from lemoe.evaluation import EvalResult, Evaluator, Reference
 from lemoe.methods.base import EditMethod, model_fingerprint
 from lemoe.requests import EditRequest
 from lemoe.runner.checkpoint import RunCheckpoint, run_key
@@ -72,9 +74,13 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
 
 
-def _mean_aggregate(per_request: list[dict[str, float]]) -> dict[str, float]:
+def _mean_aggregate(
+    per_request: list[dict[str, float]], globals_: list[dict[str, float]] | None = None
+) -> dict[str, float]:
+    """Per-request scores averaged over requests, plus the final evaluations' global numbers
+    (``control.ppl``) averaged over those evaluations (one per chunk, or per step when immediate)."""
     totals: dict[str, list[float]] = defaultdict(list)
-    for r in per_request:
+    for r in [*per_request, *(globals_ or [])]:
         for k, v in r.items():
             totals[k].append(v)
     return {k: sum(v) / len(v) for k, v in sorted(totals.items())}
@@ -118,6 +124,11 @@ def run_protocol(
 
     log = saved["log"] if saved is not None else {}
     final_scores: dict[str, dict[str, float]] = log.get("final_scores", {})
+    # what the final evaluations said beyond per-request scores: generated texts, global numbers
+    # (control.ppl) and counts of skipped probes; saved with the scores so a resumed run keeps them
+    final_outputs: dict[str, dict[str, list[str]]] = log.get("final_outputs", {})
+    final_globals: list[dict[str, float]] = log.get("final_globals", [])
+    final_skipped: dict[str, int] = log.get("final_skipped", {})
     timeline: list[dict[str, Any]] = log.get("timeline", [])
     steps_log: list[dict[str, Any]] = log.get("steps", [])
     edit_seconds: float = log.get("edit_seconds", 0.0)
@@ -131,6 +142,9 @@ def run_protocol(
         so_far = {
             "pre_edit": pre_aggregate,
             "final_scores": final_scores,
+            "final_outputs": final_outputs,
+            "final_globals": final_globals,
+            "final_skipped": final_skipped,
             "timeline": timeline,
             "steps": steps_log,
             "edit_seconds": edit_seconds,
@@ -138,6 +152,15 @@ def run_protocol(
         }
         position = {"chunk": chunk_index, "step": step, "done": [r.request_id for r in done]}
         checkpoint.save(method, key, position, so_far)  # type: ignore[union-attr]
+
+    def keep_final(evaluated: list[EditRequest], res: EvalResult) -> None:
+        for i, r in enumerate(evaluated):
+            final_scores[r.request_id] = res.per_request[i]
+            if res.outputs and res.outputs[i]:
+                final_outputs[r.request_id] = res.outputs[i]
+        final_globals.append(res.globals)
+        for kind, n in res.skipped.items():
+            final_skipped[kind] = final_skipped.get(kind, 0) + n
 
     for chunk_index, chunk in enumerate(chunks):
         if saved is not None and chunk_index < saved["chunk"]:
@@ -172,9 +195,7 @@ def run_protocol(
             bar.update(1)
             t1 = time.perf_counter()
             if protocol.evaluate == "immediate":
-                res = evaluator.evaluate(step, reference, context)
-                for r, s in zip(step, res.per_request, strict=True):
-                    final_scores[r.request_id] = s
+                keep_final(step, evaluator.evaluate(step, reference, context))
             elif protocol.every and (step_index + 1) % protocol.every == 0 and step_index + 1 < len(steps):
                 res = evaluator.evaluate(done, reference, context)
                 timeline.append(
@@ -194,8 +215,7 @@ def run_protocol(
             t1 = time.perf_counter()
             res = evaluator.evaluate(chunk, reference, context)
             eval_seconds += time.perf_counter() - t1
-            for r, s in zip(chunk, res.per_request, strict=True):
-                final_scores[r.request_id] = s
+            keep_final(chunk, res)
             timeline.append(
                 {"chunk": chunk_index, "step": len(steps), "edits_so_far": len(chunk), "aggregate": res.aggregate}
             )
@@ -215,14 +235,22 @@ def run_protocol(
             "exact_match": "greedy decoding, natural stop (EOS/newline/sentence end), normalised string equality",
             "agreement": "teacher-forced argmax unchanged versus the unedited model (cached before the first edit)",
             "generation_agreement": "greedy continuation unchanged versus the unedited model",
-            "ppl": "perplexity of the answer given the prompt",
+            "ppl": "perplexity of the answer given the prompt (control.ppl: of the packaged control text)",
+            "contains": "free greedy generation (chat template, natural stop); the normalised answer occurs in it "
+            "as whole words",
+            "ngram_entropy": "ROME's fluency: (2/3 H2 + 4/3 H3) / 2, bigram/trigram entropy in bits of the words of "
+            "a free greedy generation from the subject",
         },
         "model": model_fingerprint(method.model),
-        "aggregate": _mean_aggregate([{k: v for k, v in r.items() if k != "request_id"} for r in per_request]),
+        "aggregate": _mean_aggregate(
+            [{k: v for k, v in r.items() if k != "request_id"} for r in per_request], final_globals
+        ),
         "pre_edit": pre_aggregate,
         "timeline": timeline,
         "per_request": per_request,
         "request_order": [r.request_id for r in ordered],
+        "outputs": {r.request_id: final_outputs[r.request_id] for r in ordered if r.request_id in final_outputs},
+        "skipped_probes": final_skipped,
         "cost": {
             "edit_seconds": edit_seconds,
             "seconds_per_edit": edit_seconds / len(ordered),
@@ -256,7 +284,19 @@ HEADLINE = [
     ("generality.exact_match", "Gen EM"),
     ("locality.generation_agreement", "Loc gen"),
     ("locality.token_acc", "Loc abs"),
+    ("locality_plus.agreement", "Loc+"),
+    ("locality_plus_other.agreement", "Loc+o"),
+    ("same_subject.agreement", "Subj"),
+    ("chat_reliability.exact_match", "Chat EM"),
+    ("chat_generality.exact_match", "ChatG EM"),
+    ("fluency.ngram_entropy", "Entropy"),
+    ("control.ppl", "Ctl ppl"),
 ]
+
+
+def _cell(value: float) -> str:
+    # a collapsed model's perplexity runs to millions: keep the column width
+    return f"{value:9.3f}" if abs(value) < 1e5 else f"{value:9.2e}"
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -270,11 +310,16 @@ def format_table(record: dict[str, Any]) -> str:
     header = f"{'':10}" + "".join(f"{h:>9}" for _, h in cols)
     lines = [title, header]
     if record.get("pre_edit"):
-        lines.append(f"{'unedited':10}" + "".join(f"{record['pre_edit'].get(k, float('nan')):9.3f}" for k, _ in cols))
-    lines.append(f"{'edited':10}" + "".join(f"{record['aggregate'][k]:9.3f}" for k, _ in cols))
+        lines.append(f"{'unedited':10}" + "".join(_cell(record["pre_edit"].get(k, float("nan"))) for k, _ in cols))
+    lines.append(f"{'edited':10}" + "".join(_cell(record["aggregate"][k]) for k, _ in cols))
     c = record["cost"]
     lines.append(
         f"{c['seconds_per_edit']:.3f} s/edit, eval {c['eval_seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB"
     )
     lines.append("token_acc: teacher-forced; EM: greedy exact match; Loc: agreement with the unedited model")
+    if any(k.startswith(("locality_plus", "same_subject", "chat_", "fluency", "control")) for k, _ in cols):
+        lines.append(
+            "Loc+/Loc+o: locality after the edit's own / another edit's statement; Subj: other facts of the "
+            "subject; Chat EM: chat-template reply; Entropy: n-gram entropy of free text; Ctl ppl: control text"
+        )
     return "\n".join(lines)

@@ -33,6 +33,16 @@ class LEMoEConfig(MethodConfig):
     #   with a separator token (EOS, else BOS) before the prompt, so a subject at the very start
     #   does not sit on the model's first position. Measured: no gain (ZsRE 0.988 vs 0.994
     #   paraphrases routed home, CounterFact 0.731 vs 0.724), and the extra pass costs prefill time
+    gate: Literal["clause", "sequence"] = "clause"  # route_key=subject: clause: every clause of the
+    #   prompt (split at sentence ends, newlines and special tokens) is routed on the subjects it
+    #   holds and each position uses its clause's expert, so an edited subject mentioned earlier in a
+    #   text leaves a later question alone and two edited facts in one text each get their expert;
+    #   sequence: one decision for the whole sequence (the subject anywhere captures everything)
+    expert_positions: Literal["run", "subject"] = "subject"  # gate=clause: run: the expert acts at
+    #   every position of the question's clauses; subject: only at the matched subject's tokens
+    #   (the rest of the text reads the edited subject through attention, as for a ROME edit)
+    clause_min_tokens: int = 3  # gate=clause: a clause with fewer content tokens than this and no
+    #   edited subject ("Answer:", a chat template's assistant header) continues the clause before
     anchor_keys: Literal["request", "centroid"] = "request"  # route_key=prompt: one key per edited
     #   prompt, or one (mean) key per expert
     null_route: bool = True  # inputs that match no anchor well enough pass through no expert
@@ -48,8 +58,19 @@ class LEMoEConfig(MethodConfig):
     extra_steps: int = 3  # more steps after the batch is learned (margin for generality)
     train_stop: bool = True  # also train the end-of-sequence token after the target, so greedy
     #   decoding stops after the answer (exact match); the scored target tokens are unchanged
+    train_chat: bool = True  # also train each edit asked as a chat user message (through the
+    #   tokenizer's chat template, when it has one), so an Instruct model answers it in a chat
+    chat_system: str | None = ""  # train_chat: the system message of the chat wording. "": an
+    #   empty one (short rows: training costs about a third of the template's default); None: the
+    #   template's default system prompt (what a plain chat request gets)
+    context_keys: bool = True  # route_key=subject: also key each subject as read inside the chat
+    #   template and behind a generic sentence (mid-text states, where paraphrases put subjects)
     train_prefixes: int = 0  # also train each edit behind this many unrelated generic sentences
     #   (paraphrases often add context before the subject); 0 = the bare prompt only
+    preserve_relations: int = 0  # also train, per edit, this many other relations of the same
+    #   subject (wording.PRESERVE_TEMPLATES, not the evaluation's templates) to keep the base
+    #   model's next-token distribution (KL), so the subject alone does not carry the edit
+    preserve_weight: float = 1.0  # weight of that KL term against the target NLL
     stop_accuracy: float = 1.0  # a batch is learned when every target token is predicted
     weight_decay: float = 0.0
     # -- order planning --------------------------------------------------------------------------

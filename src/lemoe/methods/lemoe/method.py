@@ -1,8 +1,13 @@
 """LEMoE: lifelong editing with a mixture-of-experts adaptor beside one MLP.
 
-``h = MLP(x) + λ · f_e(x)`` at the edited layer, where ``e`` is the expert a KV-anchor router picks
-for the whole sequence, or nothing at all (the null route). One new FFN expert per edit batch,
-trained with the base model and every earlier expert frozen.
+``h = MLP(x) + λ · f_e(x)`` at the edited layer, where ``e`` is the expert a KV-anchor router picks,
+or nothing at all (the null route). One new FFN expert per edit batch, trained with the base model
+and every earlier expert frozen. With ``gate=clause`` (default, :mod:`.segments`) the router reads
+the prompt clause by clause and only the clause that asks the question being answered gets an
+expert, at its matched subject's tokens (``expert_positions=subject``), so an edited subject named
+earlier in a text leaves a later question alone; ``gate=sequence`` is the original one decision per
+sequence. Each edit is trained in several wordings (:mod:`.wording`): the bare prompt, the prompt as
+a chat user message, optionally behind generic sentences and with preservation rows.
 
 Insertion uses hooks only (base weights are never touched; removing the hooks restores the model
 exactly):
@@ -35,7 +40,7 @@ from torch import nn
 from lemoe.batching import pad_id, pad_right
 from lemoe.data.knowns import KNOWNS
 from lemoe.methods.base import EditMethod, RollbackNotSupported, StateError
-from lemoe.methods.lemoe import router
+from lemoe.methods.lemoe import router, segments, wording
 from lemoe.methods.lemoe.config import LEMoEConfig
 from lemoe.methods.lemoe.experts import ACTIVATIONS, Expert, ExpertBank, apply_per_sequence, apply_per_token
 from lemoe.methods.lemoe.generic import GENERIC_PROMPTS
@@ -61,7 +66,11 @@ class _Runtime:
     decoding: bool = False  # this forward continues a KV cache
     batch: int = 0
     pool_mask: torch.Tensor | None = None
-    choice: torch.Tensor | None = None  # [B] (instance) or [B, T] (token); -1: null route
+    choice: torch.Tensor | None = None  # [B] (instance) or [B, T] (token, clause); -1: null route
+    tail: torch.Tensor | None = None  # [B] gate=clause: the expert of each prompt's last clause,
+    #   which KV-cached decoding steps keep
+    ids: torch.Tensor | None = None  # the input ids of the current forward (clause gating)
+    train_mask: torch.Tensor | None = None  # [B, T] positions the expert being trained acts on
     x: torch.Tensor | None = None  # the MLP input of the current forward
     train_expert: Expert | None = None
     observed: torch.Tensor | None = None
@@ -101,6 +110,7 @@ class LEMoE(EditMethod):
         self.act = ACTIVATIONS[cfg.activation]
         self.init_std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(self.d_in)
         self._rt = _Runtime()
+        self._rt_static: dict[str, Any] = {}  # derived from the tokenizer only (clause flags)
         # Calibration (depends on the base model and calibration text only; saved with the state).
         self.route_mean: torch.Tensor | None = None
         self.route_std: torch.Tensor | None = None
@@ -268,6 +278,8 @@ class LEMoE(EditMethod):
         )
         rt.decoding = keep
         if keep:
+            if rt.tail is not None and rt.tail.shape[0] == b:
+                rt.choice = rt.tail  # clause gating: new tokens continue the prompt's last clause
             return  # one decision per sequence: keep the one made at prefill
         attn = kwargs.get("attention_mask")
         mask = attn.bool() if isinstance(attn, torch.Tensor) and attn.shape == (b, t) else None
@@ -277,7 +289,7 @@ class LEMoE(EditMethod):
             prompt = mask & pm.to(mask.device).bool()
             mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
         rt.pool_mask = mask
-        rt.choice = None
+        rt.choice, rt.tail, rt.ids = None, None, ids
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         if cfg.route_key == "subject" and cfg.route_prefix and rt.mode == "route" and self.n_experts > 0:
             if ids is None:
@@ -310,7 +322,17 @@ class LEMoE(EditMethod):
         if cfg.route_key == "subject":
             valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
             q = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
-            self._decide(self._route_span_queries(q, valid))
+            if cfg.gate == "clause" and rt.ids is not None and rt.ids.shape == h.shape[:2]:
+                gate = self._route_clauses(q, valid, rt.ids)
+                if cfg.expert_positions == "subject":  # decoding reads the edited subject from the cache
+                    self._decide(gate.max(1).values)
+                    rt.tail = torch.full_like(gate[:, 0], router.NULL)
+                else:
+                    rt.tail = gate.gather(1, segments.last_valid(valid)[:, None]).squeeze(1)
+                    self._decide(rt.tail)
+                rt.choice = gate
+            else:
+                self._decide(self._route_span_queries(q, valid))
         elif cfg.routing == "token":
             rt.choice = self._route_tokens(h)
         else:
@@ -334,14 +356,18 @@ class LEMoE(EditMethod):
             return None
         scale = self.config.scale  # type: ignore[attr-defined]
         if rt.mode == "train" and rt.train_expert is not None:
-            return output + scale * rt.train_expert(x.float(), self.act).to(output.dtype)
+            delta = rt.train_expert(x.float(), self.act).to(output.dtype)
+            mask = rt.train_mask
+            if mask is not None and delta.dim() == 3 and mask.shape == delta.shape[:2]:
+                delta = delta * mask.unsqueeze(-1).to(delta.dtype)
+            return output + scale * delta
         if rt.mode != "route" or not rt.active or rt.choice is None or self.n_experts == 0:
             return None
         x3 = x.view(rt.batch, -1, x.shape[-1]) if x.dim() == 2 else x
         choice = rt.choice
         if choice.dim() == 2 and choice.shape[1] != x3.shape[1]:
             return None
-        if self.config.routing == "token":  # type: ignore[attr-defined]
+        if choice.dim() == 2:  # token-level gating, or one expert per clause
             delta = apply_per_token(self.bank, x3, choice, self.act)
         else:
             delta = apply_per_sequence(self.bank, x3, choice, self.act)
@@ -426,6 +452,46 @@ class LEMoE(EditMethod):
         q, valid = self._token_batch(self._observe_rows(rows), flags)
         return self._route_span_queries(q, valid).to(ids.device)
 
+    def _token_classes(self) -> segments.TokenClasses:
+        """Per-token clause flags of this tokenizer (built once, kept on the model's device)."""
+        classes = self._rt_static.get("classes")
+        if classes is None:
+            vocab = int(self.model.get_input_embeddings().weight.shape[0])  # type: ignore[union-attr]
+            classes = segments.token_classes(self.tokenizer, vocab).to(self.access.device)
+            self._rt_static["classes"] = classes
+        return classes
+
+    def _route_clauses(self, q: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """gate=clause: the expert of every position (``[B, T]``, ``NULL`` for none).
+
+        With ``expert_positions=subject`` only the matched subject's tokens in the question's
+        clause get the expert; otherwise every position of the question's clauses does."""
+        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        seg, content = segments.clause_segments(ids, valid, self._token_classes())
+        n_seg = int(seg.max()) + 1 if seg.numel() else 1
+        scores, keys = router.span_window_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
+        per_clause = segments.clause_scores(scores, seg, n_seg)  # [B, S, K]
+        expert = router.per_key(self.key_expert, self.slot_key, keys)
+        threshold = router.per_key(self.slot_threshold, self.slot_key, keys) if cfg.null_route else None
+        ok = per_clause >= threshold if threshold is not None else torch.isfinite(per_clause)
+        masked = per_clause.masked_fill(~ok, float("-inf"))
+        best = keys.numel() - 1 - masked.flip(-1).argmax(-1)  # [B, S]; ties go to the newest key
+        choice = torch.where(ok.any(-1), expert.to(best.device)[best], torch.full_like(best, router.NULL))
+        counts = segments.clause_content_counts(seg, content, n_seg)
+        gate, opening = segments.gate_by_clause(choice, counts, seg[:, -1], cfg.clause_min_tokens)
+        tokens = gate.gather(1, seg)
+        if cfg.expert_positions == "run":
+            return tokens
+        key = best.gather(1, opening.clamp(min=0)[:, None])  # [B, 1] the matched key
+        window = scores.gather(2, key[:, :, None].expand(-1, scores.shape[1], 1)).squeeze(-1)
+        end = window.masked_fill(seg != opening[:, None], float("-inf")).argmax(1, keepdim=True)
+        length = torch.zeros(keys.numel(), dtype=torch.long, device=q.device)
+        length = length.index_add_(0, torch.searchsorted(keys, self.slot_key), torch.ones_like(self.slot_key))
+        start = end - length[key] + 1
+        pos = torch.arange(tokens.shape[1], device=q.device)[None, :]
+        on = (pos >= start) & (pos <= end) & (opening[:, None] >= 0)
+        return torch.where(on, tokens, torch.full_like(tokens, router.NULL))
+
     def _route_span_queries(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         scores, keys = router.span_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
@@ -461,10 +527,12 @@ class LEMoE(EditMethod):
             self._calibration = self._token_batch(self._route_hidden(self._calibration_texts()), None)
         return self._calibration
 
-    def _subject_keys(self, requests: Sequence[EditRequest]) -> list[torch.Tensor]:
+    def _subject_keys(self, requests: Sequence[EditRequest], wrap: tuple[str, str] = ("", "")) -> list[torch.Tensor]:
         """The unit token vectors of each request's subject span in its prompt (the whole prompt
-        when a request has no subject or the tokenizer gives no character offsets)."""
-        prompts = [r.prompt for r in requests]
+        when a request has no subject or the tokenizer gives no character offsets), with the
+        prompt placed between ``wrap = (before, after)`` texts."""
+        before, after = wrap
+        prompts = [before + r.prompt + after for r in requests]
         try:
             enc = self.tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=True)  # type: ignore[operator]
             offsets = enc["offset_mapping"]
@@ -477,15 +545,53 @@ class LEMoE(EditMethod):
         for i, (r, h) in enumerate(zip(requests, hidden, strict=True)):
             idx: list[int] = []
             if r.subject and offsets is not None:
-                start = r.prompt.index(r.subject)
+                start = len(before) + r.prompt.index(r.subject)
                 idx = router.span_from_offsets(list(offsets[i]), start, start + len(r.subject))
             tokens = h[idx] if idx else h
             spans.append(router.token_queries(tokens, self.route_mean, self.route_std))  # type: ignore[arg-type]
         return spans
 
+    def _key_wraps(self) -> list[tuple[str, str]]:
+        """The contexts each subject key is read in: the bare prompt, and with ``context_keys``
+        the prompt inside the chat template and behind a generic sentence. A subject at the start
+        of a bare prompt sits on the model's first position, whose states differ from the same
+        words mid-text (where paraphrases and chat questions put it)."""
+        wraps = [("", "")]
+        if self.config.context_keys:  # type: ignore[attr-defined]
+            chat = self._chat_wrap()
+            if chat is not None:
+                wraps.append(chat)
+            wraps.append((GENERIC_PROMPTS[0] + " ", ""))
+        return wraps
+
+    def _chat_wrap(self, system: str | None = None) -> tuple[str, str] | None:
+        """(text before, text after) a user message in the tokenizer's chat template, or None.
+        ``system``: a system message to put first (None: the template's own default)."""
+        cache_key = f"chat_wrap:{system!r}"
+        if cache_key not in self._rt_static:
+            wrap = None
+            if getattr(self.tokenizer, "chat_template", None):
+                marker = "\x00MSG\x00"
+                messages = [{"role": "user", "content": marker}]
+                if system is not None:
+                    messages.insert(0, {"role": "system", "content": system})
+                try:
+                    text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                        messages, tokenize=False, add_generation_prompt=True
+                    )
+                except Exception:  # a template that rejects this conversation: no chat wording
+                    text = ""
+                if isinstance(text, str) and text.count(marker) == 1:
+                    head, tail = text.split(marker)
+                    bos = getattr(self.tokenizer, "bos_token", None)
+                    wrap = (head[len(bos) :] if bos and head.startswith(bos) else head, tail)
+            self._rt_static[cache_key] = wrap
+        return self._rt_static[cache_key]
+
     def _add_subject_keys(self, requests: Sequence[EditRequest], index: int) -> None:
         """Append the keys of a batch (all routed to expert ``index``) with their thresholds."""
-        vecs, key, offset = router.span_slots(self._subject_keys(requests), self.next_key)
+        spans = [span for wrap in self._key_wraps() for span in self._subject_keys(requests, wrap)]
+        vecs, key, offset = router.span_slots(spans, self.next_key)
         qc, vc = self._calibration_queries()
         cal, _ = router.span_scores(qc, vc, vecs, key, offset)
         threshold = router.span_thresholds(cal, self.null_margin)[key - self.next_key]
@@ -495,7 +601,7 @@ class LEMoE(EditMethod):
         self.slot_key = torch.cat([self.slot_key, key.to(dev)])
         self.slot_offset = torch.cat([self.slot_offset, offset.to(dev)])
         self.slot_threshold = torch.cat([self.slot_threshold, threshold.to(dev)])
-        self.next_key += len(requests)
+        self.next_key += len(spans)
 
     def _ensure_token_threshold(self, hidden: list[torch.Tensor] | None = None) -> None:
         """Token-level gating's threshold: how close a generic token gets to another generic
@@ -539,10 +645,21 @@ class LEMoE(EditMethod):
             return torch.full((len(prompts),), router.NULL, dtype=torch.long)
         if self.config.route_key == "subject":  # type: ignore[attr-defined]
             self._ensure_calibrated()
+            clause = self.config.gate == "clause" and not self.config.route_prefix  # type: ignore[attr-defined]
             out = []
             for i in range(0, len(prompts), 32):
-                q, valid = self._token_batch(self._route_hidden(prompts[i : i + 32]), None)
-                out.append(self._route_span_queries(q, valid).cpu())
+                chunk = list(prompts[i : i + 32])
+                q, valid = self._token_batch(self._route_hidden(chunk), None)
+                if clause:  # the expert of the last clause: the one that answers
+                    enc = self.tokenizer(chunk, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+                    ids, _ = pad_right(enc, pad_id(self.tokenizer, eos_fallback=False), self.access.device)
+                    gate = self._route_clauses(q, valid, ids)
+                    if self.config.expert_positions == "subject":  # type: ignore[attr-defined]
+                        out.append(gate.max(1).values.cpu())
+                    else:
+                        out.append(gate.gather(1, segments.last_valid(valid)[:, None]).squeeze(1).cpu())
+                else:
+                    out.append(self._route_span_queries(q, valid).cpu())
             return torch.cat(out)
         return self._route_queries(self.routing_embeddings(prompts)).cpu()
 
@@ -580,20 +697,31 @@ class LEMoE(EditMethod):
         subject = cfg.route_key == "subject"
         q = None if subject else self.routing_embeddings([r.prompt for r in requests])
         eos = getattr(self.tokenizer, "eos_token", None) if cfg.train_stop else None
-        prompts = [r.prompt for r in requests]
-        targets = [r.target_new + (eos or "") for r in requests]
-        for k in range(cfg.train_prefixes):  # the same edits behind unrelated context (generality)
-            prompts += [f"{_context(self.batches_applied, i, k)} {r.prompt}" for i, r in enumerate(requests)]
-            targets += [r.target_new + (eos or "") for r in requests]
-        batch = build_lm_batch(self.tokenizer, prompts, targets)
+        chat = self._chat_wrap(cfg.chat_system) if cfg.train_chat else None
+        prefixes = [
+            (lambda i, k=k: _context(self.batches_applied, i, k)) for k in range(cfg.train_prefixes)
+        ]  # the same edits behind unrelated context
+        rows = wording.training_rows(requests, eos or "", chat, prefixes, cfg.preserve_relations)
+        # A preservation row has no target; it is scored at its last prompt position only.
+        batch = build_lm_batch(self.tokenizer, [r.text for r in rows], [r.target or "x" for r in rows])
+        preserve = torch.tensor([r.preserve for r in rows])
+        batch.target_mask[preserve] = False
         batch = batch.to(self.access.device)
+        positions = "subject" if cfg.gate == "clause" and cfg.expert_positions == "subject" else "run"
+        width = batch.input_ids.shape[1]
+        mask = wording.expert_mask(self.tokenizer, rows, width, positions)
+        mask |= (batch.target_mask & (positions == "run")).cpu()  # run: the answer continues the clause
+        self._rt.train_mask = mask.to(self.access.device)
         gen = torch.Generator().manual_seed(cfg.seed + self.batches_applied)
         expert = Expert(self.d_in, self.d_out, cfg.expert_width, self.init_std, gen)
         expert = expert.to(self.access.device, torch.float32)
         shared = cfg.expert_mode == "shared" and self.n_experts > 0
         if shared:
             self.bank.load_into(0, expert)
-        steps, loss_value, acc = self._train(expert, batch)
+        try:
+            steps, loss_value, acc = self._train(expert, batch, preserve.to(self.access.device))
+        finally:
+            self._rt.train_mask = None
         index = 0 if cfg.expert_mode == "shared" else self.n_experts
         if shared:
             self.bank = self.bank.replace(0, expert)
@@ -622,35 +750,51 @@ class LEMoE(EditMethod):
             "threshold": self.threshold,
         }
 
-    def _train(self, expert: Expert, batch: LMBatch) -> tuple[int, float, float]:
-        """AdamW on the target NLL; frozen blocks below the layer computed once; early stop."""
+    def _train(self, expert: Expert, batch: LMBatch, preserve: torch.Tensor) -> tuple[int, float, float]:
+        """AdamW on the target NLL (plus the KL to the base model on preservation rows);
+        frozen blocks below the layer computed once; early stop when the targets are learned."""
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         with self._mode("off"):
             hidden, tuple_out = hidden_before_block(self.access, self.layer, batch.input_ids, batch.attention_mask)
         opt = torch.optim.AdamW(expert.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps, loss_value, acc, extra_left = 0, float("nan"), 0.0, cfg.extra_steps
         pos = batch.target_mask[:, 1:]
+        keep = torch.zeros_like(pos)  # preservation rows: the position after the prompt
+        last = batch.prompt_mask.sum(1) - 1
+        keep[preserve, last[preserve]] = True
         labels = batch.input_ids[:, 1:][pos]
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[pos]
+        edit_rows = ~preserve
         counts = pos.sum(1).clamp(min=1).float()
-        with self._mode("train", expert), skip_frozen_blocks(self.access, self.layer, hidden, tuple_out):
-            for _ in range(cfg.steps):
-                logits = self._target_logits(batch, pos)
-                with torch.no_grad():
-                    right = (logits.argmax(-1) == labels).float()
-                    per_seq = torch.zeros_like(counts).index_add_(0, rows, right) / counts
-                    acc = float(per_seq.min())
-                if acc >= cfg.stop_accuracy:
-                    if extra_left <= 0:
-                        break
-                    extra_left -= 1
-                nll = F.cross_entropy(logits.float(), labels, reduction="none")
-                loss = (torch.zeros_like(counts).index_add(0, rows, nll) / counts).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                loss_value = float(loss.detach())
+        with skip_frozen_blocks(self.access, self.layer, hidden, tuple_out):
+            base_logp = None
+            if bool(keep.any()):
+                with self._mode("off"), torch.no_grad():
+                    base_logp = F.log_softmax(self._target_logits(batch, keep).float(), -1)
+            with self._mode("train", expert):
+                for _ in range(cfg.steps):
+                    logits = self._target_logits(batch, pos | keep)
+                    is_target = pos[pos | keep]
+                    target_logits, keep_logits = logits[is_target], logits[~is_target]
+                    with torch.no_grad():
+                        right = (target_logits.argmax(-1) == labels).float()
+                        per_seq = torch.zeros_like(counts).index_add_(0, rows, right) / counts
+                        acc = float(per_seq[edit_rows].min())
+                    if acc >= cfg.stop_accuracy:
+                        if extra_left <= 0:
+                            break
+                        extra_left -= 1
+                    nll = F.cross_entropy(target_logits.float(), labels, reduction="none")
+                    loss = (torch.zeros_like(counts).index_add(0, rows, nll) / counts)[edit_rows].mean()
+                    if base_logp is not None:
+                        logp = F.log_softmax(keep_logits.float(), -1)
+                        kl = F.kl_div(logp, base_logp, log_target=True, reduction="batchmean")
+                        loss = loss + cfg.preserve_weight * kl
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    loss_value = float(loss.detach())
         expert.requires_grad_(False)
         return steps, loss_value, acc
 
@@ -730,6 +874,11 @@ def _validate(cfg: LEMoEConfig, layer: int, n_layers: int, route_layer: int, nul
         (cfg.steps >= 1, "steps must be >= 1"),
         (cfg.extra_steps >= 0, "extra_steps must be >= 0"),
         (cfg.train_prefixes >= 0, "train_prefixes must be >= 0"),
+        (cfg.preserve_relations >= 0, "preserve_relations must be >= 0"),
+        (cfg.preserve_weight >= 0 and math.isfinite(cfg.preserve_weight), "preserve_weight must be >= 0"),
+        (cfg.gate in ("clause", "sequence"), "gate must be clause or sequence"),
+        (cfg.expert_positions in ("run", "subject"), "expert_positions must be run or subject"),
+        (cfg.clause_min_tokens >= 1, "clause_min_tokens must be >= 1"),
         (0.0 < cfg.stop_accuracy <= 1.0, "stop_accuracy must be in (0, 1]"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (cfg.order in ("cluster", "arrival"), "order must be cluster or arrival"),

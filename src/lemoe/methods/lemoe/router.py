@@ -103,7 +103,7 @@ def span_slots(spans: list[torch.Tensor], first_key: int) -> tuple[torch.Tensor,
     return vecs, key.to(vecs.device), offset.to(vecs.device)
 
 
-def span_scores(
+def span_window_scores(
     q: torch.Tensor,
     valid: torch.Tensor,
     slots: torch.Tensor,
@@ -111,13 +111,14 @@ def span_scores(
     slot_offset: torch.Tensor,
     max_cells: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best window score of every key for every sequence.
+    """Score of every key's window ending at every position.
 
     ``q [B, T, d]`` unit token vectors, ``valid [B, T]`` the tokens that may match (the prompt).
     A window ending at token ``t`` aligns a key's slot with offset ``o`` to token ``t - o``; its
     score is the mean cosine over the key's slots, a slot outside the sequence or on an invalid
-    token counting -1. Returns ``[B, K]`` scores and the ``K`` key indices they belong to
-    (ascending). Processed in row chunks so ``B·T·S`` stays under ``max_cells``.
+    token counting -1 (a window ending on an invalid token scores -inf). Returns ``[B, T, K]``
+    scores and the ``K`` key indices they belong to (ascending). Processed in row chunks so
+    ``B·T·S`` stays under ``max_cells``.
     """
     keys, inv = torch.unique(slot_key, return_inverse=True)
     n_keys = keys.numel()
@@ -136,10 +137,29 @@ def span_scores(
                 fill = torch.full((part.shape[0], min(o, t), part.shape[2]), -1.0, device=q.device)
                 part = torch.cat([fill, part[:, : max(t - o, 0)]], 1)
             total.index_add_(2, inv[sel], part)
-        total = (total / length).masked_fill(~vc[..., None], float("-inf"))
-        out.append(total.max(1).values)
-    scores = torch.cat(out) if out else torch.zeros(0, n_keys, device=q.device)
+        out.append((total / length).masked_fill(~vc[..., None], float("-inf")))
+    scores = torch.cat(out) if out else torch.zeros(0, t, n_keys, device=q.device)
     return scores, keys
+
+
+def span_scores(
+    q: torch.Tensor,
+    valid: torch.Tensor,
+    slots: torch.Tensor,
+    slot_key: torch.Tensor,
+    slot_offset: torch.Tensor,
+    max_cells: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best window score of every key for every sequence (``[B, K]``, see :func:`span_window_scores`)."""
+    keys = torch.unique(slot_key)
+    rows = max(1, max_cells // max(1, q.shape[1] * max(1, slots.shape[0], keys.numel())))
+    out = [
+        span_window_scores(q[i : i + rows], valid[i : i + rows], slots, slot_key, slot_offset, max_cells)[0]
+        .max(1)
+        .values
+        for i in range(0, q.shape[0], rows)
+    ]
+    return (torch.cat(out) if out else torch.zeros(0, keys.numel(), device=q.device)), keys
 
 
 def per_key(values: torch.Tensor, slot_key: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
