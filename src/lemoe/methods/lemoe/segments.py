@@ -52,17 +52,18 @@ def token_classes(tokenizer: object, vocab_size: int) -> TokenClasses:
     else:
         texts = tokenizer.batch_decode(rows, skip_special_tokens=False)  # type: ignore[attr-defined]
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    flags = {k: torch.zeros(n, dtype=torch.bool) for k in ("ender", "newline", "special", "blank", "space", "letter")}
-    for i, text in enumerate(texts):
-        stripped = text.rstrip(" ")
-        flags["ender"][i] = stripped.endswith(_ENDERS)
-        flags["newline"][i] = "\n" in text
-        flags["special"][i] = i in special_ids
-        flags["blank"][i] = not text.strip()
-        flags["space"][i] = text[:1].isspace()
-        flags["letter"][i] = len(text.strip()) == 1 and text.strip().isupper()  # an initial: "U" of "U.S."
+    stripped = [t.strip() for t in texts]
+
+    def flag(values: list[bool]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.bool)
+
     return TokenClasses(
-        flags["ender"], flags["newline"], flags["special"], flags["blank"], flags["space"], flags["letter"]
+        ender=flag([t.rstrip(" ").endswith(_ENDERS) for t in texts]),
+        newline=flag(["\n" in t for t in texts]),
+        special=flag([i in special_ids for i in range(n)]),
+        blank=flag([not t for t in stripped]),
+        space_led=flag([t[:1].isspace() for t in texts]),
+        letter=flag([len(t) == 1 and t.isupper() for t in stripped]),  # an initial: "U" of "U.S."
     )
 
 

@@ -90,9 +90,9 @@ def training_rows(
     for prefix in prefixes:
         rows += [_row(prefix(i) + " ", r, "", r.target_new + target_suffix) for i, r in enumerate(requests)]
     for r in requests:
-        for text in preservation_prompts(r, preserve):
-            assert r.subject is not None
-            rows.append(TrainingRow(text, "", 0, (text.index(r.subject), text.index(r.subject) + len(r.subject))))
+        for text in preservation_prompts(r, preserve):  # only requests with a subject have any
+            start = text.index(r.subject or "")
+            rows.append(TrainingRow(text, "", 0, (start, start + len(r.subject or ""))))
     return rows
 
 
