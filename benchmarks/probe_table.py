@@ -7,9 +7,10 @@ One row per record (edited model) and, where the record has it, one for the uned
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from lemoe.runner import read_results
 
 COLUMNS = [
     ("reliability.token_acc", "Rel"),
@@ -37,7 +38,7 @@ def main(paths: list[str]) -> None:
     print("| run | " + " | ".join(h for _, h in COLUMNS) + " | s/edit |")
     print("|---|" + "---|" * (len(COLUMNS) + 1))
     for path in paths:
-        record = json.loads(Path(path).read_text())
+        record = read_results(path)
         p = record["protocol"]
         name = f"{record['method']['name']} {Path(path).stem} ({p['edits']} edits, {p['edits_per_step']}/step)"
         if record.get("pre_edit"):

@@ -15,10 +15,10 @@ import torch
 
 from lemoe.data.knowns import KNOWNS
 from lemoe.methods import build_method, load_method
-from lemoe.methods.base import model_fingerprint
 from lemoe.methods.oedit import knowledge, subspace
 from lemoe.methods.oedit.knowledge import KnownsText, PassagesText, knowledge_cache_path
 from lemoe.models.access import weight_as_out_in
+from lemoe.models.identity import model_fingerprint
 from lemoe.requests import EditRequest
 from lemoe.testing import tiny_model
 
@@ -88,7 +88,9 @@ def test_model_passages_come_from_the_locate_sampler_cache(tokenizer, cache) -> 
     method.ensure_knowledge()
     from lemoe.methods.locate.stats import stats_dir
 
-    corpus = list(stats_dir(model).glob("corpus-model-6x16-*.json"))  # the locate core's own cache file
+    corpus = list(
+        stats_dir(model_fingerprint(model)).glob("corpus-model-6x16-*.json")
+    )  # the locate core's own cache file
     assert len(corpus) == 1
     passages = json.loads(corpus[0].read_text())
     assert method.knowledge_info["texts"] == len(passages) == 6
@@ -115,9 +117,13 @@ def test_cache_keys_differ_per_text_and_are_reused_for_the_same_text(tokenizer, 
     assert torch.allclose(again.knowledge[0].abs(), bases[3].abs(), atol=1e-5)
 
     one, two = PassagesText("x", ("a b c",), 16), PassagesText("x", ("a b d",), 16)
-    assert knowledge_cache_path(model, 1, "keys", "in", one) != knowledge_cache_path(model, 1, "keys", "in", two)
+    assert knowledge_cache_path(model_fingerprint(model), 1, "keys", "in", one) != knowledge_cache_path(
+        model_fingerprint(model), 1, "keys", "in", two
+    )
     longer = PassagesText("x", ("a b c",), 32)  # the token limit changes the statistic too
-    assert knowledge_cache_path(model, 1, "keys", "in", one) != knowledge_cache_path(model, 1, "keys", "in", longer)
+    assert knowledge_cache_path(model_fingerprint(model), 1, "keys", "in", one) != knowledge_cache_path(
+        model_fingerprint(model), 1, "keys", "in", longer
+    )
 
 
 def test_knowns_cache_key_is_unchanged(tokenizer, cache) -> None:
@@ -127,7 +133,9 @@ def test_knowns_cache_key_is_unchanged(tokenizer, cache) -> None:
         {"model": model_fingerprint(model), "knowns": KNOWNS[:200], "source": "keys", "side": "in"}, sort_keys=True
     )
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    assert knowledge_cache_path(model, 2, "keys", "in", KnownsText(200)).name == f"{digest}-layer2.pt"
+    assert (
+        knowledge_cache_path(model_fingerprint(model), 2, "keys", "in", KnownsText(200)).name == f"{digest}-layer2.pt"
+    )
 
 
 def test_state_records_the_knowledge_text(tokenizer, cache, tmp_path) -> None:

@@ -160,11 +160,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Re-score: a results file is re-printed; a saved state is loaded and evaluated on data."""
-    from lemoe.runner import format_table
+    from lemoe.runner import ResultsFormatError, format_table, read_results
 
     path = Path(args.path)
     if path.is_file():
-        record = json.loads(path.read_text())
+        try:
+            record = read_results(path)
+        except ResultsFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if record.get("status") == "running":  # the partial file of a run still in progress
             done = sum(int(s["n"]) for s in record["steps"])
             print(f"{record['method']}: run in progress, {done} edits applied, {len(record['timeline'])} evaluation(s)")

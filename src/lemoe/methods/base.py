@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -32,7 +31,9 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from lemoe import fileio
 from lemoe.models.access import ModelAccess
+from lemoe.models.identity import fingerprint_mismatch, model_fingerprint
 from lemoe.requests import EditRequest, validate_batch
 
 FORMAT_VERSION = 1
@@ -75,22 +76,6 @@ class BatchReport:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """Identity of a base model: its config and a hash of a few weights (cheap, order-stable)."""
-    config = getattr(model, "config", None)
-    cfg = config.to_dict() if config is not None else {}
-    keep = {
-        k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")
-    }
-    h = hashlib.sha256()
-    params = list(model.state_dict().items())
-    for name, tensor in params[:2] + params[-2:]:
-        h.update(name.encode())
-        h.update(tensor.detach().float().flatten()[:4096].cpu().numpy().tobytes())
-    keep["weights_sha256"] = h.hexdigest()
-    return {k: v for k, v in keep.items() if v is not None}
-
-
 Self = TypeVar("Self", bound="EditMethod")
 
 
@@ -108,6 +93,7 @@ class EditMethod(ABC):
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"{self.name} expects {self.config_class.__name__}, got {type(self.config).__name__}")
         self.access = ModelAccess(model)
+        self.base_fingerprint = model_fingerprint(model)  # before any edit: in-place edits change it
         self.batches_applied = 0
 
     # -- editing ---------------------------------------------------------------------------------
@@ -156,17 +142,18 @@ class EditMethod(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         state_path = directory / "state.safetensors"
-        _atomic_write(state_path, lambda p: save_file(tensors, str(p)))
+        with fileio.atomic_path(state_path) as tmp:
+            save_file(tensors, str(tmp))
         digest = hashlib.sha256(state_path.read_bytes()).hexdigest()
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.name,
             "config": self.config.to_dict(),
-            "model": model_fingerprint(self.model),
+            "model": self.base_fingerprint,
             "state_sha256": digest,
             "meta": self.state_meta(),
         }
-        _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        fileio.write_json(directory / "config.json", meta)
         return directory
 
     @classmethod
@@ -174,9 +161,9 @@ class EditMethod(ABC):
         meta = read_state_meta(directory)
         if meta["method"] != cls.name:
             raise StateError(f"{directory}: state was saved by method {meta['method']!r}, not {cls.name!r}")
-        fp = model_fingerprint(model)
-        if meta["model"] != fp:
-            raise StateError(f"{directory}: state was saved for another base model ({meta['model']} vs {fp})")
+        mismatch = fingerprint_mismatch(meta["model"], model_fingerprint(model))
+        if mismatch:
+            raise StateError(f"{directory}: cannot load onto this model: {mismatch}")
         method = cls(model, tokenizer, cls.config_class.from_dict(meta["config"]))
         state_path = Path(directory) / "state.safetensors"
         try:
@@ -206,16 +193,3 @@ def read_state_meta(directory: str | Path) -> dict[str, Any]:
     if digest != meta["state_sha256"]:
         raise StateError(f"{state_path}: checksum mismatch (file is corrupt or was changed)")
     return meta
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

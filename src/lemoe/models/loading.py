@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from lemoe import fileio
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -66,16 +67,19 @@ def builtin_model_path(name: str) -> Path:
     # A GGUF-loaded model refuses save_pretrained; copy it into a plain model of the same class.
     config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict(), strict=False)
+    missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"{entry.package}/{entry.gguf_file}: conversion would drop or invent weights "
+            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}); "
+            "the GGUF file does not match its config"
+        )
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a private sibling and rename, so a killed conversion leaves no half folder.
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with fileio.atomic_directory(target, replace=True) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

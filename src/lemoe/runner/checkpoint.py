@@ -30,10 +30,10 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from lemoe.methods.base import EditMethod, model_fingerprint, read_state_meta
+from lemoe import fileio
+from lemoe.methods.base import EditMethod, read_state_meta
 from lemoe.requests import EditRequest
 from lemoe.runner.protocol import Protocol
-from lemoe.store.spec import write_file_atomic
 
 PROGRESS = "progress.json"
 STATE_NAME = re.compile(r"state-\d+-\d+")
@@ -45,13 +45,13 @@ class CheckpointMismatch(ValueError):
 
 def run_key(method: EditMethod, protocol: Protocol, ordered: Sequence[EditRequest]) -> dict[str, Any]:
     """What makes two runs the same run: method and config, protocol, edit stream, base model."""
-    stream = json.dumps([r.to_dict() for r in ordered], sort_keys=True, default=str)
+    stream = fileio.dumps([r.to_dict() for r in ordered], indent=None, sort_keys=True)
     return {
         "method": method.name,
         "config": method.config.to_dict(),
         "protocol": protocol.to_dict(),
         "requests_sha256": hashlib.sha256(stream.encode()).hexdigest(),
-        "model": model_fingerprint(method.model),
+        "model": method.base_fingerprint,
     }
 
 
@@ -119,7 +119,7 @@ class RunCheckpoint:
             "extra": extra,
             "created_directory": self._created,
         }
-        write_file_atomic(self.directory / PROGRESS, json.dumps(record, default=str).encode())
+        fileio.write_json(self.directory / PROGRESS, record, indent=None)
         for old in self._written_states():
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

@@ -24,11 +24,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lemoe import fileio
 from lemoe.evaluation import EvalResult, Evaluator, Reference
-from lemoe.methods.base import EditMethod, model_fingerprint
+from lemoe.methods.base import EditMethod
 from lemoe.requests import EditRequest
 from lemoe.runner.checkpoint import RunCheckpoint, run_key
 from lemoe.runner.protocol import Protocol
+
+RESULTS_FORMAT_VERSION = 1  # of the results record; records without one are the format before it
+
+
+class ResultsFormatError(ValueError):
+    """A results file is not JSON, not a results record, or written by a newer lemoe."""
 
 
 def _rss_mb() -> float:
@@ -241,7 +248,7 @@ def run_protocol(
             "ngram_entropy": "ROME's fluency: (2/3 H2 + 4/3 H3) / 2, bigram/trigram entropy in bits of the words of "
             "a free greedy generation from the subject",
         },
-        "model": model_fingerprint(method.model),
+        "model": method.base_fingerprint,
         "aggregate": _mean_aggregate(
             [{k: v for k, v in r.items() if k != "request_id"} for r in per_request], final_globals
         ),
@@ -268,12 +275,27 @@ def run_protocol(
 
 
 def write_results(record: dict[str, Any], path: str | Path) -> Path:
+    """Write a results record durably, stamped with :data:`RESULTS_FORMAT_VERSION`; a value JSON
+    cannot hold raises ``TypeError`` before anything is written (no silent stringification)."""
+    return fileio.write_json(path, {"format_version": RESULTS_FORMAT_VERSION, **record})
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """Read a results record; refuse one that is not a record or comes from a newer format."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsFormatError(f"{path}: not a readable results file ({e})") from None
+    if not isinstance(record, dict) or "method" not in record:
+        raise ResultsFormatError(f"{path}: not a lemoe results record (no 'method')")
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or version > RESULTS_FORMAT_VERSION:
+        raise ResultsFormatError(
+            f"{path}: results format version {version!r}; this lemoe reads up to "
+            f"{RESULTS_FORMAT_VERSION} (upgrade lemoe)"
+        )
+    return record
 
 
 HEADLINE = [

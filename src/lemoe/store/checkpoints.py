@@ -17,14 +17,13 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from lemoe import fileio
 from lemoe.methods.base import EditMethod, StateError, read_state_meta
 from lemoe.store.spec import (
     StoreCorruptError,
     checkpoint_dirname,
-    fsync_dir,
     is_own_checkpoint_entry,
     sha256_file,
-    write_file_atomic,
 )
 
 MANIFEST = "manifest.json"
@@ -47,12 +46,12 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     method.save_pretrained(tmp)  # each file: temp, fsync, rename
     manifest = {"ckpt_id": ckpt_id, "batches": batches, "edits_digest": edits_digest}
-    write_file_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-    fsync_dir(tmp)
+    fileio.write_json(tmp / MANIFEST, manifest)
+    fileio.fsync_dir(tmp)
     if final.exists():  # debris of an earlier attempt that was killed before the journal named it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(root)
+    fileio.fsync_dir(root)
     return WrittenCheckpoint(name, sha256_file(final / "state.safetensors"), sha256_file(final / "config.json"))
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lemoe import fileio
 
 STORE_FORMAT_VERSION = 1
 SPEC_FILE = "store.json"
@@ -108,29 +109,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the folder: a reader sees the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def write_spec(root: Path, spec: StoreSpec) -> str:
     """Write ``store.json`` atomically; return its sha256 (recorded in the journal)."""
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=True)
-    write_file_atomic(root / SPEC_FILE, text.encode())
+    fileio.write_text(root / SPEC_FILE, text)
     return sha256_text(text)
 
 

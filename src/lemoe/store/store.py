@@ -36,8 +36,10 @@ from typing import Any
 
 import torch
 
+from lemoe import fileio
 from lemoe.methods import METHODS, build_method
-from lemoe.methods.base import EditMethod, RollbackNotSupported, model_fingerprint
+from lemoe.methods.base import EditMethod, RollbackNotSupported
+from lemoe.models.identity import fingerprint_mismatch, model_fingerprint
 from lemoe.requests import EditRequest, InvalidRequestError, validate_batch
 from lemoe.store import journal
 from lemoe.store.checkpoints import load_checkpoint, stray_folders, write_checkpoint
@@ -136,7 +138,7 @@ class EditStore:
         edit_method = build_method(method, base, tokenizer, options or {})  # validates the options first
         spec = StoreSpec(
             model=model,
-            model_fingerprint=model_fingerprint(base),
+            model_fingerprint=edit_method.base_fingerprint,
             method=method,
             options=edit_method.config.to_dict(),
             edits_per_step=edits_per_step,
@@ -155,6 +157,7 @@ class EditStore:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
         os.replace(tmp_db, root / JOURNAL_FILE)
+        fileio.fsync_dir(root)
         for p in root.glob(f".{JOURNAL_FILE}.init-*"):
             p.unlink()
         if write_spec(root, spec) != spec_text_sha:
@@ -188,12 +191,9 @@ class EditStore:
             problems = "; ".join(report.problems[:5]) + (" ..." if len(report.problems) > 5 else "")
             raise StoreCorruptError(f"{root}: journal check failed ({problems}); see `lemoe store verify {root}`")
         base, tokenizer = loaded if loaded is not None else _load_base(spec.model, device)
-        fingerprint = model_fingerprint(base)
-        if fingerprint != spec.model_fingerprint:
-            raise StoreMismatchError(
-                f"{root}: store was written for another base model ({spec.model}: {spec.model_fingerprint}); "
-                f"the model given has {fingerprint}"
-            )
+        mismatch = fingerprint_mismatch(spec.model_fingerprint, model_fingerprint(base))
+        if mismatch:
+            raise StoreMismatchError(f"{root}: store does not fit the base model given ({spec.model}): {mismatch}")
         edit_method = build_method(spec.method, base, tokenizer, spec.options)
         return cls._open_checked(root, spec, edit_method)
 
@@ -468,15 +468,11 @@ class EditStore:
             raise StoreError(f"{out}: exists and is not empty")
         if self.pending_count():
             raise StoreError("the store has accepted edits that are not applied yet; apply them first")
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.method.save_pretrained(tmp)
-        lines = [json.dumps(e.summary(), ensure_ascii=False) for e in self.edits(status="applied")]
-        (tmp / "edits.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        (tmp / "store.json").write_text(json.dumps(self.spec.to_dict(), indent=2, sort_keys=True))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        with fileio.atomic_directory(out) as tmp:
+            self.method.save_pretrained(tmp)
+            lines = [json.dumps(e.summary(), ensure_ascii=False) for e in self.edits(status="applied")]
+            fileio.write_text(tmp / "edits.jsonl", "".join(line + "\n" for line in lines))
+            fileio.write_text(tmp / "store.json", json.dumps(self.spec.to_dict(), indent=2, sort_keys=True))
         return out
 
 

@@ -48,7 +48,7 @@ class LocateEditMethod(EditMethod):
             c = self.cfg
             mom2, report = layer_stats(
                 self.model, self.access, self.tokenizer, self.layers, c.stats_corpus, c.stats_samples,
-                c.stats_max_tokens, c.stats_batch_size, c.seed,
+                c.stats_max_tokens, c.stats_batch_size, c.seed, fingerprint=self.base_fingerprint,
             )  # fmt: skip
             self._mom2 = {layer: m.to(self.access.device) for layer, m in mom2.items()}
             self._pending_info.update(report)

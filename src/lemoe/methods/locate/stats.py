@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lemoe import fileio
 from lemoe.batching import pad_id, pad_left, pad_right
-from lemoe.methods.base import model_fingerprint
 from lemoe.models.access import ModelAccess
+from lemoe.models.identity import model_fingerprint
 from lemoe.models.loading import cache_dir
 
 CORPUS_STARTS = (
@@ -39,23 +39,34 @@ class StatsError(ValueError):
     """The statistics corpus cannot be read or is empty."""
 
 
-def fingerprint_hash(model: nn.Module) -> str:
-    return hashlib.sha256(json.dumps(model_fingerprint(model), sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stats_dir(model: nn.Module) -> Path:
-    return cache_dir() / "stats" / fingerprint_hash(model)
+def stats_dir(fingerprint: dict[str, Any]) -> Path:
+    """The cache folder of one base model's statistics (``fingerprint``: of the *unedited* model,
+    ``EditMethod.base_fingerprint``, so a resumed, already edited method finds its base's files)."""
+    return cache_dir() / "stats" / fingerprint_hash(fingerprint)
 
 
 @torch.no_grad()
 def model_corpus(
-    model: nn.Module, tokenizer: object, samples: int, max_tokens: int, seed: int = 0, batch_size: int = 32
+    model: nn.Module,
+    tokenizer: object,
+    samples: int,
+    max_tokens: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    fingerprint: dict[str, Any] | None = None,
 ) -> list[str]:
     """Text sampled from the model (top-k 50) from fixed starts, cached beside the statistics.
 
     Sampling runs under a forked RNG, so the global random state is left untouched.
     """
-    path = stats_dir(model) / f"corpus-model-{samples}x{max_tokens}-seed{seed}-b{batch_size}.json"
+    path = (
+        stats_dir(fingerprint or model_fingerprint(model))
+        / f"corpus-model-{samples}x{max_tokens}-seed{seed}-b{batch_size}.json"
+    )
     if path.exists():
         return json.loads(path.read_text())
     device = next(model.parameters()).device
@@ -82,16 +93,23 @@ def model_corpus(
                 s + tokenizer.decode(row, skip_special_tokens=True)  # type: ignore[attr-defined]
                 for s, row in zip(chunk, out[:, width:], strict=True)
             )
-    _atomic_write_text(path, json.dumps(texts))
+    fileio.write_json(path, texts, indent=None)
     return texts
 
 
 def load_corpus(
-    spec: str, model: nn.Module, tokenizer: object, samples: int, max_tokens: int, seed: int = 0, batch_size: int = 32
+    spec: str,
+    model: nn.Module,
+    tokenizer: object,
+    samples: int,
+    max_tokens: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    fingerprint: dict[str, Any] | None = None,
 ) -> list[str]:
     """The passages named by ``spec``: "model", a text file, or a dataset spec ``KIND:PATH``."""
     if spec == "model":
-        return model_corpus(model, tokenizer, samples, max_tokens, seed, batch_size)
+        return model_corpus(model, tokenizer, samples, max_tokens, seed, batch_size, fingerprint)
     from lemoe.data.loaders import iter_texts, load_spec, parse_data_spec
 
     path = Path(spec).expanduser()
@@ -185,15 +203,17 @@ def layer_stats(
     max_tokens: int = 64,
     batch_size: int = 32,
     seed: int = 0,
+    fingerprint: dict[str, Any] | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """``C0`` per layer (float64) and a report: which layers hit the cache, seconds spent.
 
     Must run on the unedited model (the methods call it before their first edit).
     """
     start = time.perf_counter()
-    texts = load_corpus(corpus, model, tokenizer, samples, max_tokens, seed, batch_size)
+    fingerprint = fingerprint or model_fingerprint(model)
+    texts = load_corpus(corpus, model, tokenizer, samples, max_tokens, seed, batch_size, fingerprint)
     key = corpus_hash(texts, max_tokens)
-    folder = stats_dir(model)
+    folder = stats_dir(fingerprint)
     out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
@@ -209,9 +229,8 @@ def layer_stats(
         folder.mkdir(parents=True, exist_ok=True)
         for layer, mom2 in fresh.items():
             path = folder / f"{layer}-{key}.pt"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save({"mom2": mom2, "tokens": tokens, "corpus": corpus, "corpus_hash": key}, tmp)
-            os.replace(tmp, path)
+            with fileio.atomic_path(path) as tmp:
+                torch.save({"mom2": mom2, "tokens": tokens, "corpus": corpus, "corpus_hash": key}, tmp)
             out[layer] = mom2
     report = {
         "stats_seconds": time.perf_counter() - start,
@@ -221,10 +240,3 @@ def layer_stats(
         "stats_corpus_hash": key,
     }
     return out, report
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

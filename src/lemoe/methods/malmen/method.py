@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lemoe.methods.base import EditMethod, StateError, model_fingerprint, read_state_meta
+from lemoe.methods.base import EditMethod, StateError, read_state_meta
 from lemoe.methods.malmen.cache import KeyGradCache, collect
 from lemoe.methods.malmen.config import MALMENConfig
 from lemoe.methods.malmen.net import HyperNet
 from lemoe.methods.malmen.solve import diff_grads, factorise, shift_backward, solve_shift
 from lemoe.models.access import weight_as_out_in
+from lemoe.models.identity import fingerprint_mismatch, model_fingerprint
 from lemoe.requests import EditRequest
 
 # Options that fix the hyper-network's architecture: taken from a trained editor when one is loaded.
@@ -57,7 +58,7 @@ class MALMEN(EditMethod):
         config = config if config is not None else MALMENConfig()
         editor_meta = None
         if isinstance(config, MALMENConfig) and config.editor:
-            editor_meta = read_editor_meta(config.editor, model)
+            editor_meta = read_editor_meta(config.editor, model_fingerprint(model))
             saved = editor_meta["config"]
             config = config.replace(**{k: saved[k] for k in ARCH_OPTIONS if k in saved})  # type: ignore[assignment]
         super().__init__(model, tokenizer, config)
@@ -273,7 +274,7 @@ class MALMEN(EditMethod):
 
     def load_editor(self, directory: str | Path) -> None:
         """Load only the trained hyper-network from a saved state (its weight deltas are ignored)."""
-        read_editor_meta(directory, self.model)
+        read_editor_meta(directory, self.base_fingerprint)
         try:
             state = load_file(str(Path(directory) / "state.safetensors"))
         except Exception as e:  # safetensors raises several error types on corrupt files
@@ -287,8 +288,9 @@ class MALMEN(EditMethod):
         meta = read_state_meta(directory)
         if meta["method"] != cls.name:
             raise StateError(f"{directory}: state was saved by method {meta['method']!r}, not {cls.name!r}")
-        if meta["model"] != model_fingerprint(model):
-            raise StateError(f"{directory}: state was saved for another base model ({meta['model']})")
+        mismatch = fingerprint_mismatch(meta["model"], model_fingerprint(model))
+        if mismatch:
+            raise StateError(f"{directory}: cannot load onto this model: {mismatch}")
         config = cls.config_class.from_dict(meta["config"])
         method = cls(model, tokenizer, config.replace(editor=None))
         method.config = config
@@ -307,11 +309,12 @@ class MENDSum(MALMEN):
     aggregation = "sum"
 
 
-def read_editor_meta(directory: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Verify that ``directory`` holds a MALMEN/MEND-sum editor for this base model."""
+def read_editor_meta(directory: str | Path, base_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Verify that ``directory`` holds a MALMEN/MEND-sum editor for the base model of this fingerprint."""
     meta = read_state_meta(directory)
     if meta["method"] not in (MALMEN.name, MENDSum.name):
         raise StateError(f"{directory}: holds a {meta['method']!r} state, not a malmen/mend-sum editor")
-    if meta["model"] != model_fingerprint(model):
-        raise StateError(f"{directory}: editor was trained for another base model ({meta['model']})")
+    mismatch = fingerprint_mismatch(meta["model"], base_fingerprint)
+    if mismatch:
+        raise StateError(f"{directory}: editor does not fit this model: {mismatch}")
     return meta

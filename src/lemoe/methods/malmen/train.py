@@ -15,14 +15,14 @@ differences, and re-run the hyper-network on the proxy loss (:meth:`MALMEN.backw
 clip and take an Adam step. Training data come from training splits only (CounterFact train minus
 a held-out validation tail, and an optional slice of ZsRE dev kept disjoint from what is
 evaluated). ``DIR/editor`` is a normal saved method state (``load_method(DIR/editor)`` or
-``--opt editor=DIR/editor``); ``DIR/trainer.pt`` holds the optimiser and step for ``--resume``.
+``--opt editor=DIR/editor``); ``DIR/trainer.json`` (+ ``.tensors``, no pickle) holds the optimiser
+and step for ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lemoe import fileio
 from lemoe.evaluation import Evaluator
 from lemoe.methods.base import EditMethod
 from lemoe.methods.malmen.method import MALMEN
@@ -156,9 +157,13 @@ def make_optimizer(method: MALMEN) -> torch.optim.Adam:
 
 
 def _save_trainer(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Trainer state as JSON + safetensors (:func:`lemoe.fileio.save_tree`): no pickle, so a run
+    folder from elsewhere cannot execute code on ``--resume``."""
+    fileio.save_tree(path, state, to_json=lambda v: str(v) if isinstance(v, Path) else _unstorable(v))
+
+
+def _unstorable(value: Any) -> Any:
+    raise TypeError(f"trainer state holds a {type(value).__name__}, which is not stored")
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -173,7 +178,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The trainer's options, defined once for both ``lemoe train-editor`` and ``python -m``."""
-    p.add_argument("--out", required=True, help="output folder: editor/, best/, trainer.pt, log.jsonl")
+    p.add_argument("--out", required=True, help="output folder: editor/, best/, trainer.json(+.tensors), log.jsonl")
     p.add_argument(
         "--method",
         choices=["malmen", "mend-sum"],
@@ -190,7 +195,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from DIR/trainer.pt")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/trainer.json")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="MALMENConfig option")
     p.add_argument("--device", default="cpu")
 
@@ -212,6 +217,20 @@ def train(args: argparse.Namespace) -> int:
     from lemoe.models import load_model
 
     out = Path(args.out)
+    if (out / "trainer.pt").exists():
+        raise SystemExit(
+            f"{out / 'trainer.pt'}: a trainer state of an older lemoe (a pickle, which is not loaded); "
+            "start a new run in another --out (its editor/ and best/ folders still load)"
+        )
+    trainer_path = out / "trainer.json"
+    if trainer_path.exists() and not args.resume:
+        raise SystemExit(f"{out} already holds a training run; pass --resume to continue it or use another --out")
+    saved = None
+    if args.resume and trainer_path.exists():
+        try:  # read and checked before anything is loaded or written
+            saved = fileio.load_tree(trainer_path)
+        except ValueError as e:
+            raise SystemExit(f"cannot resume: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = {}
     for item in args.opt:
@@ -240,9 +259,7 @@ def train(args: argparse.Namespace) -> int:
     optimizer = make_optimizer(method)
     evaluator = Evaluator(model, tokenizer, exact_match=False)
     step, history, best = 0, [], None
-    trainer_path = out / "trainer.pt"
-    if args.resume and trainer_path.exists():
-        saved = torch.load(trainer_path, weights_only=False)
+    if saved is not None:
         method = type(method).from_pretrained(out / "editor", model, tokenizer)
         params = list(method.net.parameters())
         optimizer = make_optimizer(method)
@@ -250,8 +267,6 @@ def train(args: argparse.Namespace) -> int:
         step, history, best = saved["step"], saved["history"], saved.get("best")
         torch.set_rng_state(saved["torch_rng"])
         print(f"resumed at step {step} from {out}", flush=True)
-    elif trainer_path.exists():
-        raise SystemExit(f"{out} already holds a training run; pass --resume to continue it or use another --out")
 
     def checkpoint() -> None:
         method.save_pretrained(out / "editor")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,10 @@ from typing import Any
 
 import torch
 
+from lemoe import fileio
 from lemoe.batching import pad_id, pad_right
 from lemoe.data.knowns import KNOWNS
 from lemoe.evaluation.scorers import logits_only_at
-from lemoe.methods.base import model_fingerprint
 from lemoe.methods.locate.stats import corpus_hash, load_corpus
 from lemoe.methods.oedit.config import KnowledgeSource, Side
 from lemoe.methods.training import LMBatch, build_lm_batch
@@ -125,14 +124,19 @@ KnowledgeText = KnownsText | PassagesText
 
 
 def load_knowledge_text(
-    model: torch.nn.Module, tokenizer: object, spec: str, samples: int, max_tokens: int
+    model: torch.nn.Module,
+    tokenizer: object,
+    spec: str,
+    samples: int,
+    max_tokens: int,
+    fingerprint: dict[str, Any] | None = None,
 ) -> KnowledgeText:
     """Resolve ``knowledge_text``: the knowns, or passages read (or, for "model", sampled once and
     cached) by the locate core. Passages shorter than two tokens carry no continuation and are
     dropped; no passage left raises ``ValueError`` before any statistics run."""
     if spec == "knowns":
         return KnownsText(samples)
-    texts = load_corpus(spec, model, tokenizer, samples, max_tokens)
+    texts = load_corpus(spec, model, tokenizer, samples, max_tokens, fingerprint=fingerprint)
     kept = tuple(
         t
         for t in texts
@@ -236,13 +240,11 @@ def _capture(access: ModelAccess, layer: int, store: dict[str, Any], *, want_gra
     return module.register_forward_hook(hook)
 
 
-def knowledge_cache_path(model: torch.nn.Module, layer: int, source: str, side: str, text: KnowledgeText) -> Path:
+def knowledge_cache_path(fingerprint: dict[str, Any], layer: int, source: str, side: str, text: KnowledgeText) -> Path:
     """Where one layer's knowledge covariance is cached: keyed by the base model's fingerprint, the
     statistic, and the exact text used (the knowns, or a hash of the passages), so a stale file or
     another text's statistics are never picked up."""
-    ident = json.dumps(
-        {"model": model_fingerprint(model), **text.identity(), "source": source, "side": side}, sort_keys=True
-    )
+    ident = json.dumps({"model": fingerprint, **text.identity(), "source": source, "side": side}, sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
     return cache_dir() / "oedit" / f"{digest}-layer{layer}.pt"
 
@@ -255,10 +257,12 @@ def cached_knowledge_covariance(
     *,
     source: KnowledgeSource,
     side: Side,
+    fingerprint: dict[str, Any],
     use_cache: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """:func:`knowledge_covariance` on ``text``, with a disk cache."""
-    paths = {layer: knowledge_cache_path(access.model, layer, source, side, text) for layer in layers}
+    """:func:`knowledge_covariance` on ``text``, with a disk cache keyed by the base model's
+    ``fingerprint`` (``EditMethod.base_fingerprint``)."""
+    paths = {layer: knowledge_cache_path(fingerprint, layer, source, side, text) for layer in layers}
     covs: dict[int, torch.Tensor] = {}
     if use_cache:
         for layer, path in paths.items():
@@ -271,9 +275,6 @@ def cached_knowledge_covariance(
         for layer, cov in fresh.items():
             covs[layer] = cov.cpu()
             if use_cache:
-                path = paths[layer]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                torch.save(covs[layer], tmp)
-                os.replace(tmp, path)
+                with fileio.atomic_path(paths[layer]) as tmp:
+                    torch.save(covs[layer], tmp)
     return covs

@@ -128,7 +128,12 @@ class OEdit(EditMethod):
         if self.batches_applied:
             raise StateError(f"{self.name}: B_k must come from the unedited model, but edits were applied")
         text = load_knowledge_text(
-            self.model, self.tokenizer, cfg.knowledge_text, cfg.knowledge_count, cfg.knowledge_max_tokens
+            self.model,
+            self.tokenizer,
+            cfg.knowledge_text,
+            cfg.knowledge_count,
+            cfg.knowledge_max_tokens,
+            fingerprint=self.base_fingerprint,
         )
         covs = cached_knowledge_covariance(
             self.access,
@@ -137,6 +142,7 @@ class OEdit(EditMethod):
             text,
             source=cfg.knowledge_source,
             side=cfg.side,
+            fingerprint=self.base_fingerprint,
             use_cache=cfg.cache_knowledge,
         )
         self.knowledge_info = text.describe()
