@@ -101,8 +101,8 @@ def test_statistics_cached_on_disk_and_reused(tokenizer: object, cache: Path, co
     access = ModelAccess(model)
     first, r1 = layer_stats(model, access, tokenizer, [1, 2], corpus, 12, 16)
     assert r1["stats_computed_layers"] == [1, 2] and r1["stats_cached_layers"] == []
-    files = sorted(p.name for p in stats_dir(model_fingerprint(model)).glob("*.pt"))
-    assert files == [f"1-{r1['stats_corpus_hash']}.pt", f"2-{r1['stats_corpus_hash']}.pt"]
+    files = sorted(p.name for p in stats_dir(model_fingerprint(model)).glob("*.safetensors"))
+    assert files == [f"1-{r1['stats_corpus_hash']}.safetensors", f"2-{r1['stats_corpus_hash']}.safetensors"]
     assert stats_dir(model_fingerprint(model)).is_relative_to(cache)
     second, r2 = layer_stats(model, access, tokenizer, [1, 2], corpus, 12, 16)
     assert r2["stats_cached_layers"] == [1, 2] and r2["stats_computed_layers"] == []

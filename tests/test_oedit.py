@@ -221,13 +221,13 @@ def test_knowledge_cache_round_trip(tokenizer, tmp_path, monkeypatch) -> None:
     opts = {**FAST, "cache_knowledge": True}
     first = build_method("oedit", tiny_model("llama"), tokenizer, opts)
     first.ensure_knowledge()
-    assert len(list((tmp_path / "oedit").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "oedit").glob("*.safetensors"))) == 1
     second = build_method("oedit", tiny_model("llama"), tokenizer, opts)
     second.ensure_knowledge()
     assert torch.allclose(first.knowledge[0].abs(), second.knowledge[0].abs(), atol=1e-5)
     other = build_method("oedit", tiny_model("llama", seed=1), tokenizer, opts)  # another model: own entry
     other.ensure_knowledge()
-    assert len(list((tmp_path / "oedit").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "oedit").glob("*.safetensors"))) == 2
 
 
 def test_new_directions_follow_the_energy_threshold() -> None:

@@ -104,7 +104,7 @@ def test_cache_keys_differ_per_text_and_are_reused_for_the_same_text(tokenizer, 
         m = build_method("oedit", model, tokenizer, {**FAST, "knowledge_text": text})
         m.ensure_knowledge()
         bases.append(m.knowledge[0])
-    files = sorted((cache / "oedit").glob("*.pt"))
+    files = sorted((cache / "oedit").glob("*.safetensors"))
     assert len(files) == len(texts)  # one entry per text
     assert not torch.allclose(bases[2].abs(), bases[3].abs(), atol=1e-3)  # different texts, different B_k
 
@@ -133,9 +133,8 @@ def test_knowns_cache_key_is_unchanged(tokenizer, cache) -> None:
         {"model": model_fingerprint(model), "knowns": KNOWNS[:200], "source": "keys", "side": "in"}, sort_keys=True
     )
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    assert (
-        knowledge_cache_path(model_fingerprint(model), 2, "keys", "in", KnownsText(200)).name == f"{digest}-layer2.pt"
-    )
+    path = knowledge_cache_path(model_fingerprint(model), 2, "keys", "in", KnownsText(200))
+    assert path.name == f"{digest}-layer2.safetensors"
 
 
 def test_state_records_the_knowledge_text(tokenizer, cache, tmp_path) -> None:

@@ -4,7 +4,7 @@ Locate-then-edit methods protect what a layer already does by weighting their le
 with ``C0``. The corpus must work offline: the default ("model") is text sampled from the model
 itself from fixed starts (generated once, cached); a user text file (one passage a line) or any
 dataset spec ``KIND:PATH`` (its prompts and targets) is accepted too. The statistics are cached at
-``cache_dir()/stats/<model-fingerprint>/<layer>-<corpus-hash>.pt``: the corpus hash covers the
+``cache_dir()/stats/<model-fingerprint>/<layer>-<corpus-hash>.safetensors``: the corpus hash covers the
 exact passages and the token limit, so a different corpus or sample size never hits a stale file.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -217,20 +218,20 @@ def layer_stats(
     out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
-        path = folder / f"{layer}-{key}.pt"
-        if path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            out[layer] = saved["mom2"]
-        else:
+        path = folder / f"{layer}-{key}.safetensors"
+        try:  # missing or unreadable: recomputed below
+            out[layer] = load_file(str(path))["mom2"]
+        except Exception:  # safetensors raises several error types on corrupt files
             missing.append(layer)
     tokens = 0
     if missing:
         fresh, tokens = collect_second_moments(access, tokenizer, missing, texts, max_tokens, batch_size)
         folder.mkdir(parents=True, exist_ok=True)
         for layer, mom2 in fresh.items():
-            path = folder / f"{layer}-{key}.pt"
+            path = folder / f"{layer}-{key}.safetensors"
+            meta = {"tokens": str(tokens), "corpus": corpus, "corpus_hash": key}
             with fileio.atomic_path(path) as tmp:
-                torch.save({"mom2": mom2, "tokens": tokens, "corpus": corpus, "corpus_hash": key}, tmp)
+                save_file({"mom2": mom2.contiguous()}, str(tmp), metadata=meta)
             out[layer] = mom2
     report = {
         "stats_seconds": time.perf_counter() - start,

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lemoe import fileio
 from lemoe.batching import pad_id, pad_right
@@ -246,7 +247,7 @@ def knowledge_cache_path(fingerprint: dict[str, Any], layer: int, source: str, s
     another text's statistics are never picked up."""
     ident = json.dumps({"model": fingerprint, **text.identity(), "source": source, "side": side}, sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    return cache_dir() / "oedit" / f"{digest}-layer{layer}.pt"
+    return cache_dir() / "oedit" / f"{digest}-layer{layer}.safetensors"
 
 
 def cached_knowledge_covariance(
@@ -267,8 +268,8 @@ def cached_knowledge_covariance(
     if use_cache:
         for layer, path in paths.items():
             # missing or unreadable: recomputed below
-            with contextlib.suppress(OSError, RuntimeError, EOFError, ValueError):
-                covs[layer] = torch.load(path, weights_only=True)
+            with contextlib.suppress(Exception):  # safetensors raises several error types
+                covs[layer] = load_file(str(path))["cov"]
     missing = [layer for layer in layers if layer not in covs]
     if missing:
         fresh = knowledge_covariance(access, tokenizer, missing, text, source=source, side=side)
@@ -276,5 +277,5 @@ def cached_knowledge_covariance(
             covs[layer] = cov.cpu()
             if use_cache:
                 with fileio.atomic_path(paths[layer]) as tmp:
-                    torch.save(covs[layer], tmp)
+                    save_file({"cov": covs[layer].contiguous()}, str(tmp))
     return covs
