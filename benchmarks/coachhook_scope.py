@@ -29,13 +29,13 @@ import torch
 
 from lemoe.data import load_spec
 from lemoe.evaluation import Evaluator
-from lemoe.evaluation.scorers import encode_pairs
 from lemoe.methods import load_method
 from lemoe.methods.coachhook.hooks import relative_change, zscores
 from lemoe.methods.locate.positions import sites
 from lemoe.methods.locate.stats import load_corpus
 from lemoe.models import load_model
 from lemoe.models.access import weight_as_out_in
+from lemoe.tokens import encode_pairs
 
 
 def record_inputs(method: Any, ids: list[list[int]]) -> list[list[torch.Tensor]]:

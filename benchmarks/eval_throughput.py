@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from lemoe import tokens
 from lemoe.data import load_spec
 from lemoe.evaluation import Evaluator, scorers
 from lemoe.models import load_model
@@ -31,7 +32,7 @@ def main() -> None:
     probes = [(r.prompt, r.target_new) for r in requests]
     probes += [(p, r.target_new) for r in requests for p in r.paraphrases]
     probes += [(p.prompt, p.answer) for r in requests for p in r.locality]
-    pairs = scorers.encode_pairs(tok, [p for p, _ in probes], [a for _, a in probes])
+    pairs = tokens.encode_pairs(tok, [p for p, _ in probes], [a for _, a in probes])
 
     t = time.perf_counter()
     scorers.teacher_forced_predictions(model, tok, pairs, batch_size=args.batch_size)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lemoe.cli import _parse_option
+from lemoe.cli.options import parse_option as _parse_option
 from lemoe.data.loaders import LOADERS, zsre_record
 from lemoe.evaluation import Evaluator
 from lemoe.methods import build_method

@@ -28,11 +28,11 @@ import torch
 
 from lemoe.data import load_requests
 from lemoe.evaluation import Evaluator
-from lemoe.evaluation.scorers import encode_pairs
 from lemoe.methods import build_method
 from lemoe.methods.malmen.cache import KeyGradCache, collect
 from lemoe.models import load_model
 from lemoe.runner.runner import HEADLINE
+from lemoe.tokens import encode_pairs
 
 KEYS = [key for key, _ in HEADLINE]  # the runner's headline metrics
 

@@ -36,13 +36,14 @@ import torch
 
 from lemoe.data.loaders import load_requests, zsre_record
 from lemoe.evaluation import Evaluator
-from lemoe.evaluation.scorers import encode_pairs, teacher_forced_predictions, token_accuracy
+from lemoe.evaluation.scorers import teacher_forced_predictions, token_accuracy
 from lemoe.methods import build_method
 from lemoe.models import load_model
 from lemoe.models.access import ModelAccess
 from lemoe.requests import EditRequest, InvalidRequestError, validate_request
 from lemoe.runner import Protocol, RunCheckpoint, run_protocol
 from lemoe.runner.runner import HEADLINE as RUNNER_HEADLINE
+from lemoe.tokens import encode_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADLINE = tuple(key for key, _ in RUNNER_HEADLINE)  # the runner's headline metrics

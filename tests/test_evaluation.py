@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+from lemoe import tokens
 from lemoe.evaluation import Evaluator, scorers
 from lemoe.requests import EditRequest, Probe
 from lemoe.testing import tiny_model
 
 
 def test_token_accuracy_by_hand() -> None:
-    pairs = [scorers.Encoded((1, 2), (5, 6, 7)), scorers.Encoded((1,), (9,))]
+    pairs = [tokens.Encoded((1, 2), (5, 6, 7)), tokens.Encoded((1,), (9,))]
     argmax = [torch.tensor([5, 0, 7]), torch.tensor([3])]
     assert scorers.token_accuracy(argmax, pairs) == pytest.approx([2 / 3, 0.0])
 
@@ -62,7 +63,7 @@ def test_teacher_forcing_is_padding_invariant(family: str, tokenizer) -> None:
     model = tiny_model(family)
     prompts = ["The capital of France is", "Who", "A much longer prompt about many different things is"]
     answers = ["Paris", "the quick brown fox", "x"]
-    pairs = scorers.encode_pairs(tokenizer, prompts, answers)
+    pairs = tokens.encode_pairs(tokenizer, prompts, answers)
     argmax, logprob = scorers.teacher_forced_predictions(model, tokenizer, pairs, batch_size=3)
     for p, a, lp in zip(pairs, argmax, logprob, strict=True):
         ref_a, ref_lp = _manual_argmax(model, list(p.prompt_ids), list(p.answer_ids))

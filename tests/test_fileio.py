@@ -107,7 +107,7 @@ def test_tree_refuses_mismatched_or_corrupt_pair(tmp_path: Path) -> None:
 
 def test_trainer_resume_refuses_an_old_pickle(tmp_path: Path) -> None:
     """A ``trainer.pt`` from elsewhere is never unpickled: the resume refuses it before reading it."""
-    from lemoe.methods.malmen.train import main
+    from lemoe.cli.train_editor import main
 
     out = tmp_path / "run"
     out.mkdir()

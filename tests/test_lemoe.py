@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lemoe.evaluation import Evaluator
-from lemoe.evaluation.scorers import encode_pairs, greedy_generate, teacher_forced_predictions
+from lemoe.evaluation.scorers import greedy_generate, teacher_forced_predictions
 from lemoe.methods import build_method, load_method
 from lemoe.methods.base import RollbackNotSupported, StateError
 from lemoe.methods.lemoe import LEMoE, StreamingPlanner, kmeans, plan_clustered
@@ -14,6 +14,7 @@ from lemoe.methods.lemoe.experts import Expert, ExpertBank, apply_per_sequence
 from lemoe.methods.lemoe.router import NULL, route
 from lemoe.requests import EditRequest, InvalidRequestError
 from lemoe.testing import tiny_model
+from lemoe.tokens import encode_pairs
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gptj", "gpt_neox", "opt"]
 OPTS = {"layer": 2, "steps": 40, "lr": 2e-2, "train_chat": False}  # chat wording: test_lemoe_clauses

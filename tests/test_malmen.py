@@ -255,7 +255,7 @@ def test_trainer_cli_checkpoints_and_resumes(tokenizer, tmp_path) -> None:
     """The trainer entry point on a tiny model saved to a folder: run, refuse to overwrite, resume."""
     import json
 
-    from lemoe.methods.malmen.train import main
+    from lemoe.cli.train_editor import main
 
     common = _trainer_args(tokenizer, tmp_path)
     out = tmp_path / "run"

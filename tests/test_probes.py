@@ -17,7 +17,9 @@ from contextlib import AbstractContextManager, contextmanager
 import pytest
 import torch
 
-from lemoe.cli import _probes, build_parser
+from lemoe import tokens
+from lemoe.cli import build_parser
+from lemoe.cli.run import probes_from_args
 from lemoe.data import load_requests, load_spec
 from lemoe.data.probes import SAME_SUBJECT_TEMPLATES, control_text, same_subject_prompts
 from lemoe.evaluation import ALL_PROBES, Evaluator, scorers
@@ -289,7 +291,7 @@ def test_chat_reply_forced_to_the_target_matches(tokenizer) -> None:
 def test_chat_prompt_is_templated_once_and_kept_text_is_the_generation(tokenizer) -> None:
     model = tiny_model("llama")
     req = EditRequest(prompt="The capital of France is", target_new="Rome")
-    ids = scorers.chat_prompt_ids(tokenizer, req.prompt)
+    ids = tokens.chat_prompt_ids(tokenizer, req.prompt)
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids[0] == start and ids[1] != start  # no second BOS / turn marker
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
@@ -408,8 +410,8 @@ def test_all_probes_share_the_few_batched_passes(tokenizer, monkeypatch) -> None
 
 def test_cli_skip_probe() -> None:
     args = build_parser().parse_args(["run", "--skip-probe", "chat", "--skip-probe", "fluency"])
-    assert _probes(args) == ("locality_plus", "same_subject")
-    assert _probes(build_parser().parse_args(["eval", "x"])) == ALL_PROBES
+    assert probes_from_args(args) == ("locality_plus", "same_subject")
+    assert probes_from_args(build_parser().parse_args(["eval", "x"])) == ALL_PROBES
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--skip-probe", "nope"])
 

@@ -45,12 +45,13 @@ import torch
 
 from lemoe.data.probes import control_text
 from lemoe.evaluation import scorers
-from lemoe.evaluation.scorers import Encoded, ForwardContext, no_context
+from lemoe.evaluation.kinds import ALL_PROBES
+from lemoe.evaluation.scorers import ForwardContext, no_context
 from lemoe.requests import EditRequest
+from lemoe.tokens import Encoded, chat_prompt_ids, encode_pairs
 
 log = logging.getLogger(__name__)
 
-ALL_PROBES: tuple[str, ...] = ("locality_plus", "same_subject", "chat", "fluency")
 SAME_SUBJECT_NEW_TOKENS = 5  # the unedited model's answer to a same-subject prompt: a short phrase
 FLUENCY_NEW_TOKENS = 32
 CHAT_OPTION = "pass --skip-probe chat (Evaluator(probes=...) without 'chat')"
@@ -261,7 +262,7 @@ class Evaluator:
         return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
 
     def _encode(self, probes: Sequence[_Probe]) -> list[Encoded]:
-        return scorers.encode_pairs(
+        return encode_pairs(
             self.tokenizer, [p.prompt for p in probes], [p.answer for p in probes], [p.prompt_ids for p in probes]
         )
 
@@ -300,7 +301,7 @@ class Evaluator:
         # One generation pass: the locality continuations (for exact match) and the same-subject
         # answers (always: they are the answers of the teacher-forced same_subject probes).
         gen_keys = loc_keys if self.exact_match else []
-        gen_pairs = scorers.encode_pairs(self.tokenizer, [k[0] for k in gen_keys], [k[1] for k in gen_keys])
+        gen_pairs = encode_pairs(self.tokenizer, [k[0] for k in gen_keys], [k[1] for k in gen_keys])
         prompts = [p.prompt_ids for p in gen_pairs] + self._prompt_ids(subject_prompts)
         limits = [len(p.answer_ids) + self.extra_new_tokens for p in gen_pairs]
         limits += [SAME_SUBJECT_NEW_TOKENS] * len(subject_prompts)
@@ -319,7 +320,7 @@ class Evaluator:
             keys.update((p.prompt, p.answer) for p in same)
         ordered = sorted(keys)
         if ordered:
-            pairs = scorers.encode_pairs(self.tokenizer, [k[0] for k in ordered], [k[1] for k in ordered])
+            pairs = encode_pairs(self.tokenizer, [k[0] for k in ordered], [k[1] for k in ordered])
             argmax, _ = scorers.teacher_forced_predictions(
                 self.model, self.tokenizer, pairs, batch_size=self.batch_size, context=context
             )
@@ -347,11 +348,7 @@ class Evaluator:
         if "same_subject" in self.probes and reference is not None:
             same, skipped["same_subject"] = _same_subject_probes(requests, reference.continuation)
             forced += same
-        chat = (
-            _chat_probes(requests, lambda p: scorers.chat_prompt_ids(self.tokenizer, p))
-            if "chat" in self.probes
-            else []
-        )
+        chat = _chat_probes(requests, lambda p: chat_prompt_ids(self.tokenizer, p)) if "chat" in self.probes else []
         fluency = _fluency_probes(requests) if "fluency" in self.probes else []
 
         probes = forced + chat + fluency

@@ -24,14 +24,15 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from lemoe.batching import pad_id, pad_left, pad_right
 from lemoe.models.kv_cache import cache_keyword, returned_cache
+from lemoe.models.logits import logits_only_at
+from lemoe.tokens import Encoded
 
 # A hook that wraps every forward pass of the evaluator. Methods whose behaviour depends on which
 # tokens are the prompt (LEMoE routes on the prompt only) receive the prompt mask through it.
@@ -40,69 +41,6 @@ ForwardContext = Callable[[torch.Tensor], AbstractContextManager[object]]
 
 def no_context(_prompt_mask: torch.Tensor) -> AbstractContextManager[object]:
     return nullcontext()
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A prompt and answer as token ids (answer ids follow the prompt ids directly)."""
-
-    prompt_ids: tuple[int, ...]
-    answer_ids: tuple[int, ...]
-
-
-def encode_pairs(
-    tokenizer: object,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    prompt_ids: Sequence[Sequence[int] | None] | None = None,
-) -> list[Encoded]:
-    """Tokenise prompt and ``" " + answer`` separately so answer positions are exact.
-
-    A row whose ``prompt_ids`` entry is given keeps those ids as its prompt (already tokenised,
-    e.g. through a chat template, special tokens included) instead of tokenising ``prompts[i]``."""
-    given = list(prompt_ids) if prompt_ids is not None else [None] * len(prompts)
-    todo = [i for i, g in enumerate(given) if g is None]
-    p_ids: list[Sequence[int]] = [g if g is not None else () for g in given]
-    if todo:
-        fresh = tokenizer([prompts[i] for i in todo], add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-        for i, ids in zip(todo, fresh, strict=True):
-            p_ids[i] = ids
-    a_ids: list[Sequence[int]] = []
-    if answers:
-        a_ids = tokenizer([" " + a.lstrip() for a in answers], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    return [Encoded(tuple(p), tuple(a)) for p, a in zip(p_ids, a_ids, strict=True)]
-
-
-def chat_prompt_ids(tokenizer: object, prompt: str) -> tuple[int, ...]:
-    """``prompt`` as one user turn of the tokenizer's chat template, ready for the assistant's reply.
-    The template writes its own special tokens, so tokenising adds none (no second BOS)."""
-    text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-
-
-@contextmanager
-def logits_only_at(model: torch.nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
-    """Compute the LM head only at ``positions`` ([batch, k] indices), or only at the last position
-    when ``positions`` is None. The vocabulary projection dominates the cost of short probes on a
-    small model (49k x 576 per token), so this is the evaluator's main saving. It works on any
-    architecture: it slices the hidden state entering the output embedding, and whatever the model
-    does after its head (e.g. Gemma's logit soft-capping) still applies."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-
-    def select(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        h = args[0]
-        if positions is None:
-            return (h[:, -1:], *args[1:])
-        idx = positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        return (h.gather(1, idx), *args[1:])
-
-    handle = head.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:

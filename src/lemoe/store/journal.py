@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from lemoe.requests import EditRequest
-from lemoe.store.spec import StoreCorruptError, canonical_json, checkpoint_dirname, sha256_text
+from lemoe.store.spec import (
+    JOURNAL_FILE,
+    StoreCorruptError,
+    StoreMismatchError,
+    StoreSpec,
+    canonical_json,
+    checkpoint_dirname,
+    read_spec,
+    sha256_text,
+)
 
 SCHEMA_VERSION = 1
 
@@ -361,3 +370,28 @@ def delete_checkpoints(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
 
 def now() -> float:
     return time.time()
+
+
+def check_identity(root: Path, spec: StoreSpec, spec_sha: str) -> None:
+    """The journal exists, has this schema, and belongs to this ``store.json`` (id and hash)."""
+    path = root / JOURNAL_FILE
+    if not path.is_file():
+        raise StoreCorruptError(f"{path}: journal is missing")
+    conn = connect(path)
+    try:
+        meta = read_meta(conn)
+    finally:
+        conn.close()
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        found = meta.get("schema_version")
+        raise StoreMismatchError(f"{path}: journal schema {found!r}, expected {SCHEMA_VERSION}")
+    if meta.get("store_id") != spec.store_id or meta.get("spec_sha256") != spec_sha:
+        raise StoreCorruptError(f"{root}: store.json does not match the journal (changed or from another store)")
+
+
+def open_readonly(root: str | Path) -> tuple[StoreSpec, Any]:
+    """The spec and a journal connection, without loading a model or taking the writer lock."""
+    root = Path(root)
+    spec, spec_sha = read_spec(root)
+    check_identity(root, spec, spec_sha)
+    return spec, connect(root / JOURNAL_FILE)

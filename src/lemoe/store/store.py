@@ -56,6 +56,7 @@ from lemoe.store.spec import (
     sha256_text,
     write_spec,
 )
+from lemoe.store.verify import verify_store
 
 Loaded = tuple[torch.nn.Module, object]
 
@@ -183,9 +184,7 @@ class EditStore:
             raise StoreMismatchError(f"{root}: store was written for base model {spec.model!r}, not {expect_model!r}")
         if spec.method not in METHODS:
             raise StoreMismatchError(f"{root}: store uses method {spec.method!r}, which this lemoe does not have")
-        _check_journal_identity(root, spec, spec_sha)
-        from lemoe.store.verify import verify_store  # verify imports this module
-
+        journal.check_identity(root, spec, spec_sha)
         report = verify_store(root, checkpoints=False)
         if not report.ok:
             problems = "; ".join(report.problems[:5]) + (" ..." if len(report.problems) > 5 else "")
@@ -478,27 +477,3 @@ class EditStore:
 
 def _spec_sha(spec: StoreSpec) -> str:
     return sha256_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
-
-
-def _check_journal_identity(root: Path, spec: StoreSpec, spec_sha: str) -> None:
-    path = root / JOURNAL_FILE
-    if not path.is_file():
-        raise StoreCorruptError(f"{path}: journal is missing")
-    conn = journal.connect(path)
-    try:
-        meta = journal.read_meta(conn)
-    finally:
-        conn.close()
-    if meta.get("schema_version") != str(journal.SCHEMA_VERSION):
-        found = meta.get("schema_version")
-        raise StoreMismatchError(f"{path}: journal schema {found!r}, expected {journal.SCHEMA_VERSION}")
-    if meta.get("store_id") != spec.store_id or meta.get("spec_sha256") != spec_sha:
-        raise StoreCorruptError(f"{root}: store.json does not match the journal (changed or from another store)")
-
-
-def open_readonly(root: str | Path) -> tuple[StoreSpec, Any]:
-    """The spec and a journal connection, without loading a model or taking the writer lock."""
-    root = Path(root)
-    spec, spec_sha = read_spec(root)
-    _check_journal_identity(root, spec, spec_sha)
-    return spec, journal.connect(root / JOURNAL_FILE)

@@ -20,7 +20,6 @@ from lemoe.requests import InvalidRequestError
 from lemoe.store import journal
 from lemoe.store.checkpoints import check_checkpoint_files, foreign_entries, read_manifest, stray_folders
 from lemoe.store.spec import CHECKPOINT_DIR, StoreError, sha256_text
-from lemoe.store.store import open_readonly
 
 
 @dataclass
@@ -50,7 +49,7 @@ def verify_store(root: str | Path, *, checkpoints: bool = True) -> VerifyReport:
     root = Path(root)
     report = VerifyReport()
     try:
-        spec, conn = open_readonly(root)
+        spec, conn = journal.open_readonly(root)
     except (StoreError, sqlite3.DatabaseError) as e:
         report.problems.append(str(e))
         return report

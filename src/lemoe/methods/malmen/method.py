@@ -8,7 +8,7 @@ An edit batch is handled in three separate passes, so each runs with its own bat
 
 Batches applied one after another edit the current weights (lifelong use); ``reset`` restores the
 saved originals exactly. The hyper-network itself is the trained *editor*: the trainer
-(``python -m lemoe.methods.malmen.train``) writes it with ``save_pretrained``, and a method built
+(``lemoe train-editor``) writes it with ``save_pretrained``, and a method built
 with ``editor=DIR`` loads it (``load_method(DIR)`` works too).
 """
 

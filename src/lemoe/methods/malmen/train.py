@@ -3,7 +3,8 @@
     lemoe train-editor --out DIR --counterfact counterfact_train.json \\
         [--zsre zsre_dev.json --zsre-range 300:500] --steps 100 --edits-per-step 16
 
-(``python -m lemoe.methods.malmen.train`` takes the same options.)
+(The options are defined in :mod:`lemoe.cli.train_editor`; ``python -m lemoe.cli.train_editor`` is
+the same command.)
 
 One meta-step: cache keys/value-gradients of ``n`` training edits (updating the running
 normalisation), predict the shifts, apply them to the unedited model, then
@@ -166,50 +167,6 @@ def _unstorable(value: Any) -> Any:
     raise TypeError(f"trainer state holds a {type(value).__name__}, which is not stored")
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    a, sep, b = text.partition(":")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}")
-    return int(a), int(b)
-
-
-DESCRIPTION = __doc__.split("\n\n")[0]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The trainer's options, defined once for both ``lemoe train-editor`` and ``python -m``."""
-    p.add_argument("--out", required=True, help="output folder: editor/, best/, trainer.json(+.tensors), log.jsonl")
-    p.add_argument(
-        "--method",
-        choices=["malmen", "mend-sum"],
-        default="malmen",
-        help="aggregation the editor is trained for: least squares (malmen) or summed shifts (mend-sum)",
-    )
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--counterfact", required=True, help="CounterFact TRAIN split (simplified format)")
-    p.add_argument("--val-size", type=int, default=64, help="edits held out from the end of CounterFact train")
-    p.add_argument("--zsre", default=None, help="optional ZsRE (MEND format) file to add to training")
-    p.add_argument("--zsre-range", type=parse_range, default=(300, 500), help="records of --zsre used (START:STOP)")
-    p.add_argument("--steps", type=int, default=100, help="total meta-steps")
-    p.add_argument("--edits-per-step", type=int, default=16)
-    p.add_argument("--val-every", type=int, default=25)
-    p.add_argument("--save-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from DIR/trainer.json")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="MALMENConfig option")
-    p.add_argument("--device", default="cpu")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lemoe.methods.malmen.train", description=DESCRIPTION)
-    add_arguments(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    return train(build_parser().parse_args(argv))
-
-
 def train(args: argparse.Namespace) -> int:
     """Run (or with ``args.resume`` continue) a meta-training run from parsed :func:`add_arguments` options."""
     from lemoe.data import load_requests
@@ -329,5 +286,7 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command recorded in older results pages; the CLI module owns it now
+    from lemoe.cli.train_editor import main
+
     sys.exit(main())

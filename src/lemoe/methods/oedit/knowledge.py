@@ -41,12 +41,12 @@ from safetensors.torch import load_file, save_file
 from lemoe import fileio
 from lemoe.batching import pad_id, pad_right
 from lemoe.data.knowns import KNOWNS
-from lemoe.evaluation.scorers import logits_only_at
 from lemoe.methods.locate.stats import corpus_hash, load_corpus
 from lemoe.methods.oedit.config import KnowledgeSource, Side
 from lemoe.methods.training import LMBatch, build_lm_batch
 from lemoe.models.access import ModelAccess, projection_layout
 from lemoe.models.loading import cache_dir
+from lemoe.models.logits import logits_only_at
 
 
 def target_positions(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -64,7 +64,6 @@ from typing import Any
 
 import torch
 
-from lemoe.evaluation.scorers import logits_only_at
 from lemoe.methods.base import EditMethod, StateError
 from lemoe.methods.oedit import subspace
 from lemoe.methods.oedit.config import OEditConfig, OEditPlusConfig
@@ -77,6 +76,7 @@ from lemoe.methods.oedit.knowledge import (
 from lemoe.methods.training import build_lm_batch
 from lemoe.models.access import weight_as_out_in
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
+from lemoe.models.logits import logits_only_at
 from lemoe.requests import EditRequest
 
 ORTHONORMAL_TOL = 1e-3

@@ -1,4 +1,4 @@
-"""The ``lemoe`` command line: run a protocol, run the demo, re-score saved results or states, train an editor."""
+"""``lemoe run``, ``lemoe demo`` and ``lemoe eval``: a protocol on a method, and re-scoring."""
 
 from __future__ import annotations
 
@@ -9,24 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lemoe.store.cli import add_store_commands
+from lemoe.cli.options import parse_option
 
 DEMO_EDITS = 20
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value parsed as JSON when it is JSON (numbers, true, null, lists)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--opt expects KEY=VALUE, got {text!r}")
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
-
-
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
-    from lemoe.evaluation.evaluator import ALL_PROBES
+    from lemoe.evaluation.kinds import ALL_PROBES
 
     p.add_argument(
         "--skip-probe",
@@ -38,15 +27,15 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _probes(args: argparse.Namespace) -> tuple[str, ...]:
-    from lemoe.evaluation.evaluator import ALL_PROBES
+def probes_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    from lemoe.evaluation.kinds import ALL_PROBES
 
     return tuple(k for k in ALL_PROBES if k not in args.skip_probe)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from lemoe.methods import method_names
-    from lemoe.models import DEFAULT_MODEL
+    from lemoe.models.builtin import DEFAULT_MODEL
 
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"built-in name, local folder or hub id (default {DEFAULT_MODEL})"
@@ -65,7 +54,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=["given", "shuffle"], default="given", help="order of the data stream")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--opt", action="append", type=_parse_option, default=[], metavar="KEY=VALUE", help="method option (repeatable)"
+        "--opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE", help="method option (repeatable)"
     )
     p.add_argument(
         "--no-exact-match",
@@ -122,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         exact_match=not args.no_exact_match,
         perplexity=args.ppl,
-        probes=_probes(args),
+        probes=probes_from_args(args),
     )
     method = build_method(args.method, model, tokenizer, dict(args.opt))
 
@@ -187,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     requests = requests[: args.edits] if args.edits else requests
     model, tokenizer = load_model(args.model, device=args.device)
     evaluator = Evaluator(
-        model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, probes=_probes(args)
+        model, tokenizer, batch_size=args.batch_size, exact_match=not args.no_exact_match, probes=probes_from_args(args)
     )
     reference = evaluator.reference(requests)  # before the state is applied: the unedited model
     method = load_method(str(path), model, tokenizer)
@@ -197,20 +186,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_editor(args: argparse.Namespace) -> int:
-    """Meta-train a MALMEN / MEND-sum editor: the trainer module's own options and code."""
-    from lemoe.methods.malmen.train import train
-
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    return train(argparse.Namespace(**options))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from lemoe.methods.malmen import train as malmen_train  # its options are the subcommand's
-
-    parser = argparse.ArgumentParser(prog="lemoe", description="Lifelong knowledge editing of language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_run_commands(sub: Any) -> None:
+    """Add ``run``, ``demo`` and ``eval`` to the ``lemoe`` command line."""
     run = sub.add_parser("run", help="apply an edit stream under a protocol and evaluate", description=cmd_run.__doc__)
     _add_run_args(run)
     run.set_defaults(func=cmd_run)
@@ -234,27 +211,3 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe_args(ev)
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
-
-    te = sub.add_parser(
-        "train-editor",
-        help="meta-train a MALMEN / MEND-sum editor (validation, checkpoints, --resume)",
-        description=malmen_train.DESCRIPTION,
-    )
-    malmen_train.add_arguments(te)
-    te.set_defaults(func=cmd_train_editor)
-    add_store_commands(sub)  # `lemoe store ...` and `lemoe serve`
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"lemoe: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

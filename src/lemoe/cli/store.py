@@ -1,33 +1,21 @@
-"""``lemoe store init|edit|log|rollback|verify|export`` and ``lemoe serve STORE``.
-
-``add_store_commands(subparsers)`` is the one hook ``lemoe.cli.build_parser`` calls.
-"""
+"""``lemoe store init|edit|log|rollback|verify|export``: the durable edit store (:mod:`lemoe.store`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import os
-import secrets
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-TOKEN_FILE = "serve.token"
+from lemoe.cli.options import parse_option
+from lemoe.models.builtin import DEFAULT_MODEL
 
 
 def _fail(message: str) -> int:
     print(f"lemoe: error: {message}", file=sys.stderr)
     return 2
-
-
-def _opt(text: str) -> tuple[str, Any]:
-    from lemoe.cli import _parse_option
-
-    return _parse_option(text)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -96,7 +84,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_log(args: argparse.Namespace) -> int:
     """List edits in arrival order (no model is loaded)."""
     from lemoe.store import journal
-    from lemoe.store.store import open_readonly
+    from lemoe.store.journal import open_readonly
 
     _spec, conn = open_readonly(args.store)
     try:
@@ -153,59 +141,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token(args: argparse.Namespace, store_root: Path) -> str:
-    if args.token_file:
-        return Path(args.token_file).read_text().strip()
-    if env := os.environ.get("LEMOE_SERVE_TOKEN"):
-        return env.strip()
-    path = store_root / TOKEN_FILE
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the store over HTTP until SIGINT/SIGTERM."""
-    from lemoe.methods import build_method
-    from lemoe.models import load_model
-    from lemoe.service import EditService, ServiceConfig
-    from lemoe.store import EditStore
-
-    root = Path(args.store)
-    store = EditStore.open(root, device=args.device)
-    token = _token(args, root)
-    config = ServiceConfig(
-        token=token,
-        host=args.host,
-        port=args.port,
-        max_body_bytes=args.max_body_bytes,
-        max_requests_per_submit=args.max_requests,
-        max_new_tokens=args.max_new_tokens,
-    )
-
-    def make_replica() -> Any:
-        model, tokenizer = load_model(store.spec.model, device=args.device)
-        return build_method(store.spec.method, model, tokenizer, store.spec.options)
-
-    service = EditService(store, config, make_replica)
-    host, port = service.start()
-    where = "LEMOE_SERVE_TOKEN" if os.environ.get("LEMOE_SERVE_TOKEN") else (args.token_file or root / TOKEN_FILE)
-    print(f"serving {root} on http://{host}:{port} (token: {where})", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    service.stop()
-    store.close()
-    print("stopped", flush=True)
-    return 0
-
-
 def add_store_commands(subparsers: Any) -> None:
-    """Add ``store`` (with its subcommands) and ``serve`` to the ``lemoe`` command line."""
-    from lemoe.models import DEFAULT_MODEL
+    """Add ``store`` with its subcommands to the ``lemoe`` command line."""
 
     store = subparsers.add_parser("store", help="a durable, resumable, reversible edit store")
     sub = store.add_subparsers(dest="store_command", required=True)
@@ -219,7 +156,7 @@ def add_store_commands(subparsers: Any) -> None:
     p = add("init", cmd_init, "create a store")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--method", default=None, help="editing method (default: lemoe when registered, else ft-m)")
-    p.add_argument("--opt", action="append", type=_opt, default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("--opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE", help="method option")
     p.add_argument("--edits-per-step", type=int, default=1, help="edits per applied batch")
     p.add_argument("--checkpoint-every", type=int, default=1, help="write a checkpoint every K batches")
     p.add_argument("--keep-checkpoints", type=int, default=3)
@@ -252,18 +189,3 @@ def add_store_commands(subparsers: Any) -> None:
     p = add("export", cmd_export, "write the edited state for another machine")
     p.add_argument("out", help="new output directory")
     p.add_argument("--device", default="cpu")
-
-    serve = subparsers.add_parser("serve", help="serve a store over HTTP", description=cmd_serve.__doc__)
-    serve.add_argument("store", help="store directory")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument(
-        "--token-file",
-        default=None,
-        help=f"file holding the token (default: $LEMOE_SERVE_TOKEN, else STORE/{TOKEN_FILE}, created on first use)",
-    )
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    serve.add_argument("--max-requests", type=int, default=64, help="requests per submission")
-    serve.add_argument("--max-new-tokens", type=int, default=64)
-    serve.add_argument("--device", default="cpu")
-    serve.set_defaults(func=cmd_serve)

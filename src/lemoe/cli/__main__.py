@@ -1,0 +1,7 @@
+"""``python -m lemoe.cli ...`` is the ``lemoe`` command."""
+
+import sys
+
+from lemoe.cli import main
+
+sys.exit(main())
