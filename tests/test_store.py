@@ -312,7 +312,7 @@ def test_verify_detects_truncated_checkpoint_and_edited_journal(ft_store: Path, 
         Path(f"{journal}{suffix}").unlink(missing_ok=True)
     assert verify_store(ft_store).ok
 
-    newest = sorted((ft_store / "checkpoints").iterdir())[-1] / "state.safetensors"
+    newest = sorted((ft_store / "checkpoints").iterdir())[-1] / "state.json"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     report = verify_store(ft_store)

@@ -85,6 +85,12 @@ class EditMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     supports_rollback: ClassVar[bool] = False
+    # True when a tensor ``state_dict`` returned is never changed in place afterwards (every change
+    # binds new tensors): serving replicas then share the tensors instead of copying them.
+    state_copy_on_write: ClassVar[bool] = False
+    # False for adaptor methods that never change the base model's weights (hooks and their own
+    # tensors only): serving replicas may then run on one shared copy of the base weights.
+    edits_base_weights: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, config: MethodConfig | None = None) -> None:
         self.model = model
@@ -131,6 +137,13 @@ class EditMethod(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore the edited state onto this (unedited) model."""
+
+    def append_only_state(self) -> dict[str, int]:
+        """State keys that, while their epoch (the value) stays the same, only ever grow by rows
+        appended along dim 0 -- earlier rows never change. The edit store then writes only the new
+        rows of such a key at each checkpoint. A method bumps the epoch whenever it changes earlier
+        rows (reset, load, rollback). Default: none -- every key may change at any time."""
+        return {}
 
     def state_meta(self) -> dict[str, Any]:
         """JSON-serialisable state that is not a tensor (counters, thresholds, batch ids)."""

@@ -42,7 +42,7 @@ from lemoe.methods.base import EditMethod, RollbackNotSupported
 from lemoe.models.identity import fingerprint_mismatch, model_fingerprint
 from lemoe.requests import EditRequest, InvalidRequestError, validate_batch
 from lemoe.store import journal
-from lemoe.store.checkpoints import load_checkpoint, stray_folders, write_checkpoint
+from lemoe.store.checkpoints import Checkpoints, WrittenCheckpoint, stray_folders
 from lemoe.store.journal import CheckpointRow, EditRow
 from lemoe.store.spec import (
     CHECKPOINT_DIR,
@@ -111,6 +111,8 @@ class EditStore:
         self._lock_fd = lock_fd
         self._db_lock = threading.RLock()
         self._since_checkpoint = 0
+        self._checkpoints = Checkpoints(root)
+        self.last_checkpoint: WrittenCheckpoint | None = None  # what the newest write cost (benchmarks)
         self.closed = False
 
     # -- creation and opening -----------------------------------------------------------------------
@@ -240,6 +242,7 @@ class EditStore:
         ckpt_root = self.root / CHECKPOINT_DIR
         for stray in stray_folders(ckpt_root, {c.dirname for c in checkpoints}):
             shutil.rmtree(stray, ignore_errors=True)
+        self._checkpoints.sweep(checkpoints)  # objects of killed writes and interrupted prunes
         replayed = self._rebuild(live, checkpoints)
         if replayed:
             self.checkpoint()
@@ -254,9 +257,10 @@ class EditStore:
                 break
         if start is None:
             self.method.reset()
+            self._checkpoints.forget()
             done = 0
         else:
-            load_checkpoint(
+            self._checkpoints.load(
                 self.method, self.root / CHECKPOINT_DIR / start.dirname, start.state_sha256, start.config_sha256
             )
             done = len(start.batches)
@@ -343,25 +347,28 @@ class EditStore:
             live = journal.live_batches(self._conn)
             ckpt_id = journal.next_checkpoint_id(self._conn)
             digest = journal.edits_digest(self._conn, live)
-        written = write_checkpoint(self.method, self.root / CHECKPOINT_DIR, ckpt_id, live, digest)
+        written = self._checkpoints.write(self.method, ckpt_id, live, digest)
         row = CheckpointRow(
             ckpt_id, written.dirname, tuple(live), digest, written.state_sha256, written.config_sha256, journal.now()
         )
         with self._db_lock, journal.transaction(self._conn):
             journal.insert_checkpoint(self._conn, row)
+        self._checkpoints.commit(written)
+        self.last_checkpoint = written
         self._since_checkpoint = 0
         self._prune()
         return row
 
     def _prune(self) -> None:
         with self._db_lock:
-            old = journal.list_checkpoints(self._conn)[self.spec.keep_checkpoints :]
+            rows = journal.list_checkpoints(self._conn)
+            kept, old = rows[: self.spec.keep_checkpoints], rows[self.spec.keep_checkpoints :]
             if not old:
                 return
             with journal.transaction(self._conn):
                 journal.delete_checkpoints(self._conn, [c.ckpt_id for c in old])
-        for c in old:  # after the commit: a kill here leaves stray folders, removed on open
-            shutil.rmtree(self.root / CHECKPOINT_DIR / c.dirname, ignore_errors=True)
+        # after the commit: a kill here leaves stray folders and objects, removed on open
+        self._checkpoints.prune(old, kept)
 
     # -- history ------------------------------------------------------------------------------------
     def rollback(self, batch_ids: Sequence[int], *, replay: bool = False) -> list[int]:
@@ -397,7 +404,7 @@ class EditStore:
             with self._db_lock:
                 ckpt_id = journal.next_checkpoint_id(self._conn)
                 digest = journal.edits_digest(self._conn, remaining)
-            written = write_checkpoint(self.method, self.root / CHECKPOINT_DIR, ckpt_id, remaining, digest)
+            written = self._checkpoints.write(self.method, ckpt_id, remaining, digest)
             row = CheckpointRow(
                 ckpt_id,
                 written.dirname,
@@ -412,6 +419,8 @@ class EditStore:
                 for b in targets:
                     journal.set_batch_status(self._conn, b, "rolled_back", now)
                 journal.insert_checkpoint(self._conn, row)
+            self._checkpoints.commit(written)
+            self.last_checkpoint = written
         except BaseException:
             with contextlib.suppress(Exception):
                 self.recover()

@@ -6,6 +6,7 @@ files (checksums, loadable config, manifest) against the journal, including a di
 each checkpoint holds. The checkpoints table is covered field by field: the folder name must be the
 one its id gives (never a path read from the file), the manifest must name the same id and batches,
 the file checksums must match, and the edits digest is recomputed from the hash-chained edits.
+Every object a checkpoint references must exist under ``objects/`` and hash to its name.
 Debris of killed writes is reported as a warning, not a problem.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from lemoe.requests import InvalidRequestError
 from lemoe.store import journal
-from lemoe.store.checkpoints import check_checkpoint_files, foreign_entries, read_manifest, stray_folders
+from lemoe.store.checkpoints import Checkpoints, foreign_entries, read_manifest, stray_folders
 from lemoe.store.spec import CHECKPOINT_DIR, StoreError, sha256_text
 
 
@@ -125,16 +126,28 @@ def _check_checkpoints(
         return
     report.summary["checkpoints"] = [c.ckpt_id for c in checkpoints]
     ckpt_root = root / CHECKPOINT_DIR
+    store = Checkpoints(root)
     live = journal.live_batches(conn)
+    referenced: set[str] = set()
+    checked: set[str] = set()
+    unreadable = False
     for i, c in enumerate(checkpoints):
         where = f"checkpoint {c.ckpt_id}"
         folder = ckpt_root / c.dirname
         try:
-            meta = check_checkpoint_files(folder, c.state_sha256, c.config_sha256)
+            meta, refs = store.checkpoint_meta(folder, c.state_sha256, c.config_sha256)
             manifest = read_manifest(folder)
         except StoreError as e:
             report.problems.append(f"{where}: {e}")
+            unreadable = True
             continue
+        referenced |= refs
+        for name in sorted(refs - checked - store.index_names()):  # each tensor object once
+            checked.add(name)
+            try:
+                store.objects.check(name, "safetensors", where)
+            except StoreError as e:
+                report.problems.append(f"{where}: {e}")
         if meta["method"] != spec.method or meta["config"] != spec.options:
             report.problems.append(f"{where}: written by another method or config ({meta['method']})")
         if meta["model"] != spec.model_fingerprint:
@@ -159,8 +172,12 @@ def _check_checkpoints(
             report.warnings.append(f"{behind} live batch(es) after the newest checkpoint: re-applied on open")
     for stray in stray_folders(ckpt_root, {c.dirname for c in checkpoints}):
         report.warnings.append(f"{stray}: not named by the journal (debris of a killed write; removed on open)")
-    for entry in foreign_entries(ckpt_root):
+    for entry in foreign_entries(ckpt_root) + store.objects.foreign_entries():
         report.warnings.append(f"{entry}: not written by the store (never read or removed; move it elsewhere)")
+    if not unreadable:
+        for entry in store.objects.unreferenced(referenced):
+            report.warnings.append(f"{entry}: no checkpoint references it (debris of a killed write; removed on open)")
+    report.summary["objects"] = len(referenced)
     report.summary["live_batches"] = len(live)
 
 

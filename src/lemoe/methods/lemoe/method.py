@@ -94,6 +94,8 @@ class LEMoE(EditMethod):
     name = "lemoe"
     config_class = LEMoEConfig
     supports_rollback = True
+    state_copy_on_write = True  # every change binds new tensors (torch.cat, index_select, clone)
+    edits_base_weights = False  # hooks beside the MLP; the base weights are never written
 
     def __init__(self, model: nn.Module, tokenizer: object, config: LEMoEConfig | None = None) -> None:
         super().__init__(model, tokenizer, config)
@@ -131,6 +133,7 @@ class LEMoE(EditMethod):
 
     # -- state -----------------------------------------------------------------------------------
     def _clear_edits(self) -> None:
+        self._state_epoch = getattr(self, "_state_epoch", 0) + 1  # see append_only_state
         dev, dt = self.access.device, self.access.dtype
         width = self.config.expert_width  # type: ignore[attr-defined]
         self.bank = ExpertBank.empty(self.d_in, self.d_out, width, dt, dev)
@@ -184,6 +187,15 @@ class LEMoE(EditMethod):
             "router.slot_threshold": self.slot_threshold,
         }
 
+    def append_only_state(self) -> dict[str, int]:
+        """Experts (one per batch), router keys and their slots, and the per-expert lists only grow
+        by appending until a reset, load or rollback (each bumps the epoch). In shared-expert mode
+        expert 0 and its request list change every batch, so they are not declared."""
+        keys = [f"router.{k}" for k in ("keys", "key_expert", "slot_key", "slot_offset", "slot_threshold")]
+        if self.config.expert_mode != "shared":  # type: ignore[attr-defined]
+            keys += [f"experts.{k}" for k in ("w1", "b1", "w2", "b2")] + ["expert_batches", "expert_requests"]
+        return dict.fromkeys(keys, self._state_epoch)
+
     def state_meta(self) -> dict[str, Any]:
         return {
             **super().state_meta(),
@@ -233,6 +245,7 @@ class LEMoE(EditMethod):
         if not (shapes_ok and router_ok and meta_ok):
             raise StateError("LEMoE state does not match this config/model (shapes or metadata inconsistent)")
         dev, dt = self.access.device, self.access.dtype
+        self._state_epoch += 1
         self.bank = ExpertBank(*(t.to(device=dev, dtype=dt) for t in (w1, b1, w2, b2)))
         self.keys = keys.to(device=dev, dtype=torch.float32)
         self.key_expert = key_expert.to(device=dev, dtype=torch.long)
@@ -818,6 +831,7 @@ class LEMoE(EditMethod):
         if batch_index not in self.expert_batches:
             raise KeyError(f"no expert for batch {batch_index} (have {self.expert_batches})")
         p = self.expert_batches.index(batch_index)
+        self._state_epoch += 1
         self.bank = self.bank.remove(p)
         keep = self.key_expert != p
         self.keys = self.keys[keep]
