@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import secrets
 import signal
@@ -31,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lemoe.methods import build_method
     from lemoe.models import load_model
     from lemoe.service import EditService, ServiceConfig
+    from lemoe.service.replicas import shared_base_copy
     from lemoe.store import EditStore
 
     root = Path(args.store)
@@ -46,7 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def make_replica() -> Any:
-        model, tokenizer = load_model(store.spec.model, device=args.device)
+        if not type(store.method).edits_base_weights:  # adaptor methods: one base copy for all
+            model, tokenizer = shared_base_copy(store.method.model), copy.deepcopy(store.method.tokenizer)
+        else:  # methods that edit weights in place need a base model of their own
+            model, tokenizer = load_model(store.spec.model, device=args.device)
         return build_method(store.spec.method, model, tokenizer, store.spec.options)
 
     service = EditService(store, config, make_replica)

@@ -4,12 +4,28 @@ The writer edits its own model. After each change it *publishes* the method stat
 replica (``reset`` + ``load_state_dict``: the public interface every method has) and swaps it in.
 Readers hold a replica's lock while they generate, so a replica is never loaded while in use and
 forward-time method state (e.g. LEMoE's routing mask) is never shared by two requests.
+
+What a publish costs does not grow with the number of edits: each replica remembers, per state
+key, which writer tensor (object and ``_version``) it was last given. A key whose tensor is
+unchanged is handed the replica's own previous copy again; a changed key is copied -- or, for a
+method whose state is copy-on-write (``state_copy_on_write``: LEMoE, whose every change binds new
+tensors), shared with the writer without copying at all. The reload itself is by reference, so a
+rollback or any other non-append change needs no special path (it just changes more keys).
+
+Base weights: for a method that never writes them (``edits_base_weights = False``: LEMoE's hooks),
+:func:`shared_base_copy` gives each replica its own module tree (own hooks, own train/eval flags)
+over the writer's parameter tensors, so ``serve`` holds one copy of the base model, not three.
+Methods that edit weights in place (FT-M, MEMIT, ...) keep separate copies.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,6 +42,21 @@ class Replica:
     method: EditMethod
     lock: threading.Lock = field(default_factory=threading.Lock)
     version: int = 0
+    # key -> (weakref to the writer's tensor, its _version, the tensor given, that one's _version)
+    given: dict[str, tuple[Any, int, torch.Tensor, int]] = field(default_factory=dict)
+
+
+def shared_base_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers *are* ``model``'s tensors.
+
+    Hooks are not copied (the copy starts with none: a method attached to ``model`` stays there
+    alone). Only for methods that never write the base weights (``edits_base_weights = False``)."""
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(model, memo)
 
 
 class ServingReplicas:
@@ -35,17 +66,38 @@ class ServingReplicas:
         self._replicas = [Replica(make_method()), Replica(make_method())]
         self._active = 0
         self._swap = threading.Lock()
+        self.last_publish: dict[str, Any] = {}  # what the newest publish did (tests, benchmarks)
 
     def publish(self, state: dict[str, torch.Tensor], meta: dict[str, Any], version: int) -> None:
-        """Load a new state into the standby replica, then make it the active one."""
+        """Load a new state into the standby replica, then make it the active one. Only keys whose
+        tensor changed since this replica's last load are copied (none for copy-on-write methods)."""
+        start = time.perf_counter()
         with self._swap:
             standby = self._replicas[1 - self._active]
         with standby.lock:  # waits for a reader that took it while it was active
+            share = type(standby.method).state_copy_on_write
+            given: dict[str, torch.Tensor] = {}
+            changed, copied = [], 0
+            for k, t in state.items():
+                known = standby.given.get(k)
+                if known is not None and known[0]() is t and known[1] == t._version and known[2]._version == known[3]:
+                    given[k] = known[2]
+                    continue
+                changed.append(k)
+                given[k] = t if share else t.clone()
+                copied += 0 if share else t.numel() * t.element_size()
             standby.method.reset()
-            standby.method.load_state_dict({k: v.clone() for k, v in state.items()}, meta)
+            standby.method.load_state_dict(given, meta)
+            standby.given = {k: (weakref.ref(state[k]), state[k]._version, v, v._version) for k, v in given.items()}
             standby.version = version
         with self._swap:
             self._active = self._replicas.index(standby)
+        self.last_publish = {
+            "changed_keys": changed,
+            "copied_bytes": copied,
+            "shared": share,
+            "seconds": time.perf_counter() - start,
+        }
 
     def generate(self, prompts: list[str], max_new_tokens: list[int]) -> tuple[list[str], int]:
         """Greedy continuations (one padded batch) with the newest published state; (texts, version)."""

@@ -384,7 +384,9 @@ class Checkpoints:
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in log["tensors"]}
         lists: dict[str, list[Any]] = {k: [] for k in log["lists"]}
         for seg in self.segments(doc, where):
-            _expect(set(seg["rows"]) <= set(parts) and set(seg["items"]) <= set(lists), where, "segment names unknown keys")
+            _expect(
+                set(seg["rows"]) <= set(parts) and set(seg["items"]) <= set(lists), where, "segment names unknown keys"
+            )
             if seg["object"] is not None:
                 obj = self.objects.get_tensors(seg["object"], f"{where} (log segment)")
                 opath = self.objects.path(seg["object"], "safetensors")
@@ -415,7 +417,9 @@ class Checkpoints:
             return
         doc = self.read_doc(folder, state_sha256, config_sha256)
         if doc["method"] != method.name:
-            raise StoreCorruptError(f"{folder}: checkpoint was written by method {doc['method']!r}, not {method.name!r}")
+            raise StoreCorruptError(
+                f"{folder}: checkpoint was written by method {doc['method']!r}, not {method.name!r}"
+            )
         state, meta = self.assemble(doc, folder / STATE_FILE)
         method.reset()
         method.load_state_dict(state, meta)
@@ -436,7 +440,9 @@ class Checkpoints:
     def _load_legacy(method: EditMethod, folder: Path, state_sha256: str, config_sha256: str) -> None:
         meta = check_legacy_files(folder, state_sha256, config_sha256)
         if meta["method"] != method.name:
-            raise StoreCorruptError(f"{folder}: checkpoint was written by method {meta['method']!r}, not {method.name!r}")
+            raise StoreCorruptError(
+                f"{folder}: checkpoint was written by method {meta['method']!r}, not {method.name!r}"
+            )
         try:
             state = load_file(str(folder / "state.safetensors"))
         except Exception as e:  # safetensors raises several error types on corrupt files
