@@ -353,3 +353,29 @@ def test_replicas_after_incremental_publishes_generate_as_a_full_reload(
         assert texts == _greedy(store.method, prompts)
     finally:
         store.close()
+
+
+def test_serve_replica_factory_shares_the_base_only_where_the_method_allows(tmp_path: Path, tokenizer: object) -> None:
+    from lemoe.service.replicas import replica_factory
+
+    with EditStore.init(
+        tmp_path / "lemoe",
+        model="tiny-llama",
+        method="lemoe",
+        options={"steps": 1},
+        loaded=(tiny_model("llama"), tokenizer),
+    ) as store:
+        replica = replica_factory(store)()
+        assert all(a is b for a, b in zip(store.method.model.parameters(), replica.model.parameters(), strict=True))
+        assert replica.model is not store.method.model and replica.tokenizer is not store.method.tokenizer
+    with (
+        EditStore.init(
+            tmp_path / "ftm",
+            model="tiny-llama",
+            method="ft-m",
+            options=FT_OPTIONS,
+            loaded=(tiny_model("llama"), tokenizer),
+        ) as store,
+        pytest.raises(ValueError, match="edits the base weights"),
+    ):
+        replica_factory(store, share_base=True)

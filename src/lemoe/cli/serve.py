@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import secrets
 import signal
@@ -29,10 +28,8 @@ def _token(args: argparse.Namespace, store_root: Path) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the store over HTTP until SIGINT/SIGTERM."""
-    from lemoe.methods import build_method
-    from lemoe.models import load_model
     from lemoe.service import EditService, ServiceConfig
-    from lemoe.service.replicas import shared_base_copy
+    from lemoe.service.replicas import replica_factory
     from lemoe.store import EditStore
 
     root = Path(args.store)
@@ -47,14 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
 
-    def make_replica() -> Any:
-        if not type(store.method).edits_base_weights:  # adaptor methods: one base copy for all
-            model, tokenizer = shared_base_copy(store.method.model), copy.deepcopy(store.method.tokenizer)
-        else:  # methods that edit weights in place need a base model of their own
-            model, tokenizer = load_model(store.spec.model, device=args.device)
-        return build_method(store.spec.method, model, tokenizer, store.spec.options)
-
-    service = EditService(store, config, make_replica)
+    # adaptor methods (LEMoE): replicas share the writer's base weights; others load their own
+    service = EditService(store, config, replica_factory(store, device=args.device))
     host, port = service.start()
     where = "LEMOE_SERVE_TOKEN" if os.environ.get("LEMOE_SERVE_TOKEN") else (args.token_file or root / TOKEN_FILE)
     print(f"serving {root} on http://{host}:{port} (token: {where})", flush=True)

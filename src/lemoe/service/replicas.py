@@ -59,6 +59,29 @@ def shared_base_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def replica_factory(store: Any, device: str = "cpu", share_base: bool | None = None) -> Callable[[], EditMethod]:
+    """What ``serve`` builds its replicas with: the store's method on one shared base copy where the
+    method never writes base weights, else on a freshly loaded base model of its own.
+    ``share_base=False`` forces separate copies (for measuring)."""
+    from lemoe.methods import build_method
+
+    cls = type(store.method)
+    share = not cls.edits_base_weights if share_base is None else share_base
+    if share and cls.edits_base_weights:
+        raise ValueError(f"method {cls.name!r} edits the base weights; its replicas need copies of their own")
+
+    def make() -> EditMethod:
+        if share:
+            model, tokenizer = shared_base_copy(store.method.model), copy.deepcopy(store.method.tokenizer)
+        else:
+            from lemoe.models import load_model
+
+            model, tokenizer = load_model(store.spec.model, device=device)
+        return build_method(store.spec.method, model, tokenizer, store.spec.options)
+
+    return make
+
+
 class ServingReplicas:
     """Two method replicas on their own base-model copies: one active, one being refreshed."""
 

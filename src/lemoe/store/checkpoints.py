@@ -189,7 +189,7 @@ class Checkpoints:
             name,
             sha256_file(folder / STATE_FILE),
             sha256_file(folder / MANIFEST),
-            self.objects.bytes_written - before[0] + (folder / STATE_FILE).stat().st_size,
+            self.objects.bytes_written - before[0] + sum((folder / f).stat().st_size for f in (STATE_FILE, MANIFEST)),
             self.objects.objects_written - before[1],
             pending,
         )

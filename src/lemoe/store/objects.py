@@ -90,7 +90,9 @@ class ObjectStore:
             raise StoreCorruptError(f"{path}: object named by {where} is missing; restore the store from a backup")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != name:
-            raise StoreCorruptError(f"{path}: checksum differs from its name (truncated or changed)")
+            raise StoreCorruptError(
+                f"{path}: checksum differs from its name (truncated or changed); restore the store from a backup"
+            )
         return data
 
     def get_tensors(self, name: str, where: str) -> dict[str, torch.Tensor]:

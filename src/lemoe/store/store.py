@@ -4,8 +4,17 @@ Layout::
 
     STORE/store.json          identity: base model (name + fingerprint), method + config, format
     STORE/journal.sqlite      every accepted request, its batch, status, timestamps, hashes
-    STORE/checkpoints/ckpt-*  method states (config.json + state.safetensors + manifest.json)
+    STORE/checkpoints/ckpt-*  method states: manifest.json (batches) + state.json (meta, object refs)
+    STORE/objects/<sha256>.*  immutable tensor groups and log indexes, named by their hash
     STORE/writer.lock         held (flock) by the one process that may change the store
+
+Persistence is incremental (:mod:`lemoe.store.checkpoints`): a checkpoint writes only the objects
+that changed since the previous one -- for a method that declares append-only state (LEMoE: one
+frozen expert per batch) one segment with the new batch's rows -- and references the rest, so the
+bytes and seconds per batch do not grow with the number of batches. Objects are written before the
+checkpoint folder that references them, the folder before the journal row that names it; old
+checkpoints and the objects only they used are removed after the journal commit, and ``open``
+sweeps objects no journal checkpoint references (debris of a killed write).
 
 The order of writes is what makes a SIGKILL at any point harmless:
 
@@ -14,7 +23,8 @@ The order of writes is what makes a SIGKILL at any point harmless:
    it; after the method returns the batch becomes ``applied``; every ``checkpoint_every`` batches the
    state is written (temp folder, fsync, rename) and only then recorded in the journal.
 3. ``open`` recovers: it loads the newest checkpoint whose batch list is a prefix of the journal's
-   live batches and re-applies the rest, each exactly once and with the same composition.
+   live batches (every object it references checked against its hash) and re-applies the rest,
+   each exactly once and with the same composition.
 
 Rollback uses the method's own ``rollback`` when it has one; otherwise, on request
 (``replay=True``), the state is rebuilt from the newest usable checkpoint (or the base model) by
