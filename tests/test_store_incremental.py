@@ -379,3 +379,15 @@ def test_serve_replica_factory_shares_the_base_only_where_the_method_allows(tmp_
         pytest.raises(ValueError, match="edits the base weights"),
     ):
         replica_factory(store, share_base=True)
+
+
+def test_batch_lists_are_stored_as_runs_and_read_as_untrusted() -> None:
+    from lemoe.store.journal import decode_batches, encode_batches
+
+    for batches in ([], [4], list(range(1, 5001)), [1, 3, 4, 5, 9]):
+        assert list(decode_batches(encode_batches(batches), "t")) == batches
+    assert encode_batches(list(range(1, 5001))) == [[1, 5000]]  # a checkpoint's batch list stays small
+    assert decode_batches([1, 2, 3], "old") == (1, 2, 3)  # the older plain form
+    for bad in ([[0, 10**12]], [[5, 1]], [[1, 2, 3]], ["1"], [1.5], {"a": 1}):
+        with pytest.raises(StoreCorruptError, match="batch list"):
+            decode_batches(bad, "journal: checkpoint 1")

@@ -47,6 +47,7 @@ from safetensors.torch import load_file
 
 from lemoe import fileio
 from lemoe.methods.base import FORMAT_VERSION, EditMethod, StateError, read_state_meta
+from lemoe.store.journal import decode_batches, encode_batches
 from lemoe.store.objects import ObjectStore, check_name
 from lemoe.store.spec import (
     CHECKPOINT_DIR,
@@ -175,7 +176,7 @@ class Checkpoints:
             "full": full,
             "log": {"tensors": tensors_doc, "lists": {k: len(meta[k]) for k in list_keys}, "levels": levels},
         }
-        manifest = {"ckpt_id": ckpt_id, "batches": batches, "edits_digest": edits_digest}
+        manifest = {"ckpt_id": ckpt_id, "batches": encode_batches(batches), "edits_digest": edits_digest}
         name = self._write_folder(ckpt_id, doc, manifest)
         folder = self.root / name
         pending = _Head(
@@ -531,7 +532,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise StoreCorruptError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("batches"), list):
         raise StoreCorruptError(f"{path}: manifest has no batch list")
-    return data
+    return {**data, "batches": list(decode_batches(data["batches"], str(path)))}
 
 
 def stray_folders(root: Path, known: set[str]) -> list[Path]:

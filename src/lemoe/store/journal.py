@@ -314,12 +314,52 @@ def batch_requests(conn: sqlite3.Connection, batch_id: int) -> list[EditRequest]
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
+MAX_BATCH_LIST = 10_000_000  # a batch list read from the store may not expand beyond this
+
+
+def encode_batches(batches: Sequence[int]) -> list[Any]:
+    """A batch list as written to the journal and manifests: runs of consecutive ids as ``[first,
+    last]`` pairs, other ids as themselves, so a stream without rollbacks takes one pair whatever
+    its length (a plain list of ints, the older form, is read the same way)."""
+    out: list[Any] = []
+    i = 0
+    while i < len(batches):
+        j = i
+        while j + 1 < len(batches) and batches[j + 1] == batches[j] + 1:
+            j += 1
+        out.append([int(batches[i]), int(batches[j])] if j > i else int(batches[i]))
+        i = j + 1
+    return out
+
+
+def decode_batches(value: Any, where: str) -> tuple[int, ...]:
+    """Inverse of :func:`encode_batches` for untrusted input (bounded, ints only)."""
+    if not isinstance(value, list):
+        raise StoreCorruptError(f"{where}: batch list is not a list")
+    out: list[int] = []
+    for item in value:
+        if type(item) is int:
+            out.append(item)
+        elif isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item) and item[0] < item[1]:
+            if len(out) + item[1] - item[0] >= MAX_BATCH_LIST:
+                raise StoreCorruptError(f"{where}: batch list longer than {MAX_BATCH_LIST}")
+            out.extend(range(item[0], item[1] + 1))
+        else:
+            raise StoreCorruptError(f"{where}: malformed batch list entry {str(item)[:40]!r}")
+    return tuple(out)
+
+
 def edits_digest(conn: sqlite3.Connection, batches: Sequence[int]) -> str:
-    """Digest of the (seq, content hash) of every edit in ``batches``: ties a checkpoint to its edits."""
-    pairs: list[Any] = []
-    for b in batches:
-        pairs.extend(conn.execute("SELECT seq, content_hash FROM edits WHERE batch_id = ? ORDER BY seq", (b,)))
-    return sha256_text(canonical_json([list(p) for p in pairs]))
+    """Digest of the (seq, content hash) of every edit in ``batches``: ties a checkpoint to its edits.
+    One query (not one per batch); the pairs are ordered by the batch list, then by seq."""
+    wanted = set(batches)
+    by_batch: dict[int, list[list[Any]]] = {}
+    rows = conn.execute("SELECT batch_id, seq, content_hash FROM edits WHERE batch_id IS NOT NULL ORDER BY seq")
+    for b, seq, digest in rows:
+        if b in wanted:
+            by_batch.setdefault(b, []).append([seq, digest])
+    pairs = [p for b in batches for p in by_batch.get(b, [])]
+    return sha256_text(canonical_json(pairs))
 
 
 def next_checkpoint_id(conn: sqlite3.Connection) -> int:
@@ -333,7 +373,7 @@ def insert_checkpoint(conn: sqlite3.Connection, row: CheckpointRow) -> None:
         (
             row.ckpt_id,
             row.dirname,
-            json.dumps(list(row.batches)),
+            json.dumps(encode_batches(list(row.batches))),
             row.edits_digest,
             row.state_sha256,
             row.config_sha256,
@@ -354,7 +394,7 @@ def list_checkpoints(conn: sqlite3.Connection) -> list[CheckpointRow]:
                 "outside lemoe, so nothing was read or removed (restore the store from a backup)"
             )
         try:
-            batches = tuple(int(b) for b in json.loads(r[2]))
+            batches = decode_batches(json.loads(r[2]), f"journal: checkpoint {r[0]}")
         except (ValueError, TypeError) as e:
             raise StoreCorruptError(f"journal: checkpoint {r[0]} has a corrupt batch list ({e})") from None
         for value in r[3:6]:
