@@ -35,9 +35,12 @@ class _PassThrough(nn.Module):
 
 @torch.no_grad()
 def hidden_before_block(
-    access: ModelAccess, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    access: ModelAccess, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward: Any
 ) -> tuple[torch.Tensor, bool]:
-    """Hidden state entering block ``layer`` for this batch, and whether blocks return tuples."""
+    """Hidden state entering block ``layer`` for this batch, and whether blocks return tuples.
+
+    ``forward``: more arguments of the model's forward (e.g. a KV cache of a shared prefix, with
+    ``attention_mask`` then covering prefix and batch). Default: no cache."""
     captured: dict[str, Any] = {}
 
     def grab(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -50,7 +53,7 @@ def hidden_before_block(
     h1 = access.blocks[0].register_forward_hook(shape_of_output)
     h2 = access.blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        access.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        access.model(input_ids=input_ids, attention_mask=attention_mask, **({"use_cache": False} | forward))
     except _StopForward:
         pass
     finally:

@@ -60,9 +60,13 @@ class LEMoEConfig(MethodConfig):
     #   decoding stops after the answer (exact match); the scored target tokens are unchanged
     train_chat: bool = True  # also train each edit asked as a chat user message (through the
     #   tokenizer's chat template, when it has one), so an Instruct model answers it in a chat
-    chat_system: str | None = ""  # train_chat: the system message of the chat wording. "": an
-    #   empty one (short rows: training costs about a third of the template's default); None: the
-    #   template's default system prompt (what a plain chat request gets)
+    chat_system: str | None = None  # train_chat: the system message of the chat wording. None: the
+    #   template's default system prompt (what a plain chat request gets; with share_prefix its
+    #   tokens cost nothing per step); "": an empty one (the other contexts answer worse: another
+    #   edit of the same batch is said, see docs/results/realistic.md)
+    share_prefix: bool = True  # train_chat: run the chat rows' common template prefix (system prompt,
+    #   user header) once per batch and train on their suffixes against its KV cache; same result
+    #   (up to float rounding), a fraction of the cost of rows with a long system prompt
     context_keys: bool = True  # route_key=subject: also key each subject as read inside the chat
     #   template and behind a generic sentence (mid-text states, where paraphrases put subjects)
     train_prefixes: int = 0  # also train each edit behind this many unrelated generic sentences

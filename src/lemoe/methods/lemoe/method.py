@@ -26,6 +26,7 @@ exactly):
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,15 +41,15 @@ from torch import nn
 from lemoe.batching import pad_id, pad_right
 from lemoe.data.knowns import KNOWNS
 from lemoe.methods.base import EditMethod, RollbackNotSupported, StateError
-from lemoe.methods.lemoe import router, segments, wording
+from lemoe.methods.lemoe import parts, router, segments, wording
 from lemoe.methods.lemoe.config import LEMoEConfig
 from lemoe.methods.lemoe.experts import ACTIVATIONS, Expert, ExpertBank, apply_per_sequence, apply_per_token
 from lemoe.methods.lemoe.generic import GENERIC_PROMPTS
 from lemoe.methods.lemoe.planning import plan_clustered
-from lemoe.methods.training import LMBatch, build_lm_batch
+from lemoe.methods.training import build_lm_batch
 from lemoe.models.access import weight_as_out_in
 from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
-from lemoe.models.kv_cache import passed_cache
+from lemoe.models.kv_cache import cache_keyword, passed_cache, returned_cache
 from lemoe.requests import EditRequest
 
 
@@ -724,7 +725,14 @@ class LEMoE(EditMethod):
         width = batch.input_ids.shape[1]
         mask = wording.expert_mask(self.tokenizer, rows, width, positions)
         mask |= (batch.target_mask & (positions == "run")).cpu()  # run: the answer continues the clause
-        self._rt.train_mask = mask.to(self.access.device)
+        in_chat = torch.tensor(
+            [bool(chat and chat[0]) and r.prompt_start == len(chat[0]) and r.text.startswith(chat[0]) for r in rows]
+        )
+        mask = mask.to(self.access.device)
+        if cfg.share_prefix:  # the chat rows' template prefix runs once per batch, not once per step
+            training_parts = parts.split_shared_prefix(batch, mask, in_chat)
+        else:
+            training_parts = [parts.Part(torch.arange(len(rows), device=mask.device), batch, mask)]
         gen = torch.Generator().manual_seed(cfg.seed + self.batches_applied)
         expert = Expert(self.d_in, self.d_out, cfg.expert_width, self.init_std, gen)
         expert = expert.to(self.access.device, torch.float32)
@@ -732,7 +740,7 @@ class LEMoE(EditMethod):
         if shared:
             self.bank.load_into(0, expert)
         try:
-            steps, loss_value, acc = self._train(expert, batch, preserve.to(self.access.device))
+            steps, loss_value, acc = self._train(expert, training_parts, preserve.to(self.access.device))
         finally:
             self._rt.train_mask = None
         index = 0 if cfg.expert_mode == "shared" else self.n_experts
@@ -763,59 +771,106 @@ class LEMoE(EditMethod):
             "threshold": self.threshold,
         }
 
-    def _train(self, expert: Expert, batch: LMBatch, preserve: torch.Tensor) -> tuple[int, float, float]:
-        """AdamW on the target NLL (plus the KL to the base model on preservation rows);
-        frozen blocks below the layer computed once; early stop when the targets are learned."""
+    def _train(
+        self, expert: Expert, training_parts: list[parts.Part], preserve: torch.Tensor
+    ) -> tuple[int, float, float]:
+        """AdamW on the target NLL (plus the KL to the base model on preservation rows); frozen
+        blocks below the layer, and a shared token prefix of a part at every layer, computed once;
+        early stop when the targets are learned."""
         cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         with self._mode("off"):
-            hidden, tuple_out = hidden_before_block(self.access, self.layer, batch.input_ids, batch.attention_mask)
+            for part in training_parts:
+                self._prepare_part(part)
         opt = torch.optim.AdamW(expert.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps, loss_value, acc, extra_left = 0, float("nan"), 0.0, cfg.extra_steps
-        pos = batch.target_mask[:, 1:]
-        keep = torch.zeros_like(pos)  # preservation rows: the position after the prompt
-        last = batch.prompt_mask.sum(1) - 1
-        keep[preserve, last[preserve]] = True
-        labels = batch.input_ids[:, 1:][pos]
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[pos]
+        # Per part: positions predicting targets (pos) and, on preservation rows, the position after
+        # the prompt (keep); flattened over parts in order, with each position's row in the batch.
+        sel, is_target, labels, row_of = [], [], [], []
+        for part in training_parts:
+            pos = part.batch.target_mask[:, 1:]
+            keep = torch.zeros_like(pos)
+            kept = preserve[part.rows]
+            last = part.batch.prompt_mask.sum(1) - 1
+            keep[kept, last[kept]] = True
+            sel.append(pos | keep)
+            is_target.append(pos[pos | keep])
+            labels.append(part.batch.input_ids[:, 1:][pos])
+            row_of.append(part.rows[:, None].expand_as(pos)[pos])
+        is_target_all = torch.cat(is_target)
+        labels_all, rows = torch.cat(labels), torch.cat(row_of)
+        n_rows = preserve.shape[0]
+        counts = torch.zeros(n_rows, device=rows.device).index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32))
+        counts = counts.clamp(min=1.0)
         edit_rows = ~preserve
-        counts = pos.sum(1).clamp(min=1).float()
-        with skip_frozen_blocks(self.access, self.layer, hidden, tuple_out):
-            base_logp = None
-            if bool(keep.any()):
-                with self._mode("off"), torch.no_grad():
-                    base_logp = F.log_softmax(self._target_logits(batch, keep).float(), -1)
-            with self._mode("train", expert):
-                for _ in range(cfg.steps):
-                    logits = self._target_logits(batch, pos | keep)
-                    is_target = pos[pos | keep]
-                    target_logits, keep_logits = logits[is_target], logits[~is_target]
-                    with torch.no_grad():
-                        right = (target_logits.argmax(-1) == labels).float()
-                        per_seq = torch.zeros_like(counts).index_add_(0, rows, right) / counts
-                        acc = float(per_seq[edit_rows].min())
-                    if acc >= cfg.stop_accuracy:
-                        if extra_left <= 0:
-                            break
-                        extra_left -= 1
-                    nll = F.cross_entropy(target_logits.float(), labels, reduction="none")
-                    loss = (torch.zeros_like(counts).index_add(0, rows, nll) / counts)[edit_rows].mean()
-                    if base_logp is not None:
-                        logp = F.log_softmax(keep_logits.float(), -1)
-                        kl = F.kl_div(logp, base_logp, log_target=True, reduction="batchmean")
-                        loss = loss + cfg.preserve_weight * kl
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    loss_value = float(loss.detach())
+
+        def logits() -> torch.Tensor:
+            return torch.cat([self._part_logits(part, s) for part, s in zip(training_parts, sel, strict=True)])
+
+        base_logp = None
+        if bool((~is_target_all).any()):
+            with self._mode("off"), torch.no_grad():
+                base_logp = F.log_softmax(logits()[~is_target_all].float(), -1)
+        with self._mode("train", expert):
+            for _ in range(cfg.steps):
+                out = logits()
+                target_logits, keep_logits = out[is_target_all], out[~is_target_all]
+                with torch.no_grad():
+                    right = (target_logits.argmax(-1) == labels_all).float()
+                    per_seq = torch.zeros_like(counts).index_add_(0, rows, right) / counts
+                    acc = float(per_seq[edit_rows].min())
+                if acc >= cfg.stop_accuracy:
+                    if extra_left <= 0:
+                        break
+                    extra_left -= 1
+                nll = F.cross_entropy(target_logits.float(), labels_all, reduction="none")
+                loss = (torch.zeros_like(counts).index_add(0, rows, nll) / counts)[edit_rows].mean()
+                if base_logp is not None:
+                    logp = F.log_softmax(keep_logits.float(), -1)
+                    kl = F.kl_div(logp, base_logp, log_target=True, reduction="batchmean")
+                    loss = loss + cfg.preserve_weight * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                loss_value = float(loss.detach())
         expert.requires_grad_(False)
         return steps, loss_value, acc
 
-    def _target_logits(self, batch: LMBatch, pos: torch.Tensor) -> torch.Tensor:
+    def _prefix_forward(self, part: parts.Part) -> dict[str, Any]:
+        """Forward arguments that put a part's rows behind its shared prefix: a fresh copy of the
+        prefix's KV cache for every row, and an attention mask covering prefix and suffix."""
+        if part.start == 0:
+            return {"attention_mask": part.batch.attention_mask, "use_cache": False}
+        n = part.rows.shape[0]
+        cache = copy.deepcopy(part.prefix_cache)
+        cache.batch_repeat_interleave(n)
+        ones = torch.ones(n, part.start, dtype=part.batch.attention_mask.dtype, device=part.rows.device)
+        return {
+            "attention_mask": torch.cat([ones, part.batch.attention_mask], 1),
+            cache_keyword(self.model): cache,
+            "use_cache": True,
+        }
+
+    def _prepare_part(self, part: parts.Part) -> None:
+        """The prefix's KV cache (once) and the edited block's input for the part's rows (once)."""
+        if part.start:
+            assert part.prefix_ids is not None
+            part.prefix_cache = returned_cache(self.model(input_ids=part.prefix_ids, use_cache=True))
+        kwargs = self._prefix_forward(part)
+        attn = kwargs.pop("attention_mask")
+        part.hidden, part.tuple_out = hidden_before_block(self.access, self.layer, part.batch.input_ids, attn, **kwargs)
+
+    def _part_logits(self, part: parts.Part, pos: torch.Tensor) -> torch.Tensor:
         """Logits at the positions that predict target tokens only (the LM head over a 49k
         vocabulary on every position would cost more than the blocks above the edited layer)."""
+        assert part.hidden is not None
+        self._rt.train_mask = part.mask
         base = self.model.base_model
-        out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        kwargs = self._prefix_forward(part)
+        if part.start:  # the base model takes the cache under its own keyword
+            kwargs[cache_keyword(base)] = kwargs.pop(cache_keyword(self.model))
+        with skip_frozen_blocks(self.access, self.layer, part.hidden, part.tuple_out):
+            out = base(input_ids=part.batch.input_ids, **kwargs)
         h = out[0][:, :-1][pos]
         logits = self.model.get_output_embeddings()(h)
         cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
