@@ -23,7 +23,7 @@ def _batch(rows: list[list[int]], target_len: int = 1) -> LMBatch:
 
 def test_chat_rows_share_their_prefix_and_parts_are_cut_to_length() -> None:
     head = [1, 2, 3, 4, 5, 6]
-    rows = [[7, 8, 9], [10, 11, 12, 13], head + [20, 21, 22], head + [30, 31, 32, 33]]
+    rows = [[7, 8, 9], [10, 11, 12, 13], [*head, 20, 21, 22], [*head, 30, 31, 32, 33]]
     batch = _batch(rows)
     mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     mask[2, 6] = mask[3, 7] = True  # subject tokens after the prefix
@@ -38,7 +38,7 @@ def test_chat_rows_share_their_prefix_and_parts_are_cut_to_length() -> None:
 
 def test_no_sharing_when_the_expert_acts_inside_the_prefix_or_rows_differ() -> None:
     head = [1, 2, 3, 4, 5, 6]
-    batch = _batch([head + [20, 21], head + [30, 31]])
+    batch = _batch([[*head, 20, 21], [*head, 30, 31]])
     mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     mask[0, 2] = True  # an expert position inside the common tokens: only 2 tokens may be shared
     got = parts.split_shared_prefix(batch, mask, torch.tensor([True, True]))
@@ -56,7 +56,9 @@ def test_shared_prefix_trains_the_same_expert(smollm2) -> None:
 
     model, tokenizer = smollm2
     reqs = [
-        EditRequest(prompt="The mother tongue of Danielle Darrieux is", target_new="English", subject="Danielle Darrieux"),
+        EditRequest(
+            prompt="The mother tongue of Danielle Darrieux is", target_new="English", subject="Danielle Darrieux"
+        ),
         EditRequest(prompt="Toko Yasuda plays the", target_new="piano", subject="Toko Yasuda"),
     ]
     out = {}
