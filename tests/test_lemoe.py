@@ -38,7 +38,11 @@ def test_insertion_is_exact_noop_then_edits_every_family(family: str, tokenizer)
     model = tiny_model(family)
     prompts = [EDITS[0].prompt, *UNRELATED]
     base = _logits(model, tokenizer, prompts)
-    method = build_method("lemoe", model, tokenizer, OPTS)
+    # Tiny Gemma 3 is the hardest to edit: it renormalises every MLP output (post-feedforward norm)
+    # and its tied, small random embeddings give logits about one unit apart. A layer-2 expert had
+    # not reached the target after 100 steps; a layer-1 expert reaches it in about 40.
+    opts = {**OPTS, "layer": 1, "steps": 100} if family == "gemma3" else OPTS
+    method = build_method("lemoe", model, tokenizer, opts)
     assert torch.equal(_logits(model, tokenizer, prompts), base)  # hooks, no expert: identical
     report = method.apply([EDITS[0]])
     assert report.info["accuracy"] == 1.0
@@ -255,12 +259,21 @@ def test_clustered_planning_and_streaming() -> None:
 
 def test_plan_batches_arrival_and_cluster(tokenizer) -> None:
     model = tiny_model("llama")
-    reqs = [EditRequest(prompt=f"Fact number {i} is about item {i}", target_new=f"value {i}") for i in range(6)]
+    # Two kinds of edit arriving interleaved: clustering must regroup them, arrival order must not.
+    cities = [EditRequest(prompt=f"The capital city of the country {c} is", target_new="Paris") for c in "XYZ"]
+    bees = [
+        EditRequest(prompt=f"How do the bees of hive number {i} make honey?", target_new="slowly") for i in range(3)
+    ]
+    reqs = [r for pair in zip(cities, bees, strict=True) for r in pair]
     arrival = build_method("lemoe", model, tokenizer, {**OPTS, "order": "arrival"})
-    assert arrival.plan_batches(reqs, 2) == [reqs[0:2], reqs[2:4], reqs[4:6]]
+    assert arrival.plan_batches(reqs, 3) == [reqs[0:3], reqs[3:6]]
     arrival.remove_hooks()
-    clustered = build_method("lemoe", model, tokenizer, OPTS).plan_batches(reqs, 2)
-    assert sorted(r.request_id for b in clustered for r in b) == sorted(r.request_id for r in reqs)
+    method = build_method("lemoe", model, tokenizer, OPTS)
+    emb = method.routing_embeddings([r.prompt for r in reqs])
+    sim, same = emb @ emb.T, torch.tensor([[(i - j) % 2 == 0 for j in range(6)] for i in range(6)])
+    assert sim[same].min() > sim[~same].max() + 0.2  # the routing space really holds two groups
+    # Each batch is one group: clusters in order of first arrival, members in arrival order.
+    assert method.plan_batches(reqs, 3) == [cities, bees]
 
 
 @pytest.mark.slow
@@ -314,6 +327,7 @@ def test_span_scores_slide_a_subject_over_the_prompt() -> None:
     assert route_spans(scores, None, expert)[1] != NULL  # no null route: always some expert
 
 
+@pytest.mark.slow
 def test_subject_keys_route_paraphrases_not_neighbours_on_smollm2(smollm2) -> None:
     model, tokenizer = smollm2
     method = build_method("lemoe", model, tokenizer, {"steps": 1, "extra_steps": 0})

@@ -230,12 +230,14 @@ def test_memit_on_smollm2_edits_zsre_sample(smollm2_zsre) -> None:
 def test_every_family_edits_and_resets_exactly(family: str, tokenizer: object, cache: Path, corpus: str) -> None:
     """MEMIT writes and CoachHooK hooks work on every supported architecture (GPT-2's Conv1D,
     OPT's flattened MLP tokens included), and both return exactly to the unedited model."""
-    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    # Both edited prompts: CoachHooK's α is the smaller of their largest scores, so one of them sits
+    # exactly on the threshold, where round-off between passes decides; the other swaps for sure.
+    prompts = [torch.tensor([tokenizer(r.prompt)["input_ids"]]) for r in REQUESTS[:2]]
     for name in ("memit", "coachhook"):
         model = tiny_model(family)
-        base = model(input_ids=ids).logits
+        base = [model(input_ids=ids).logits for ids in prompts]
         method = build_method(name, model, tokenizer, small(corpus, v_steps=2).to_dict())
         method.apply(REQUESTS[:2])
-        assert not torch.equal(model(input_ids=ids).logits, base), name
+        assert any(not torch.equal(model(input_ids=ids).logits, b) for ids, b in zip(prompts, base, strict=True)), name
         method.reset()
-        assert torch.equal(model(input_ids=ids).logits, base), name
+        assert all(torch.equal(model(input_ids=ids).logits, b) for ids, b in zip(prompts, base, strict=True)), name

@@ -82,7 +82,8 @@ def test_meta_gradient_matches_autograd_through_the_hypernet(tokenizer, cls: typ
                     k.T @ k + lam * torch.eye(k.shape[1], dtype=torch.float64),
                     k.T @ net.value_diffs(keys, grads, m).double(),
                 )
-            assert torch.allclose(s.detach(), shifts.shifts[slot], rtol=1e-4, atol=1e-8)
+            # float32 sums: relative to the whole shift (an entry near zero can be 1e-3 off relative to itself)
+            assert (s.detach() - shifts.shifts[slot]).norm() <= 1e-5 * s.norm()
             total = total + (s * g[slot].double()).sum()
         total.backward()
     for name, p in params.items():

@@ -138,6 +138,7 @@ def test_cli_run_resumes_a_cut_run_on_the_real_model(tmp_path, smollm2) -> None:
     assert code == 0
     record = json.loads(out.read_text())
     assert record["resumed_from"] == {"chunk": 0, "step": 2}
+    assert record["command"].startswith("lemoe run --method ft-m --data zsre:sample --edits 4 --out ")
     assert len(record["steps"]) == 4 and len(record["per_request"]) == 4
     assert record["aggregate"]["reliability.token_acc"] > record["pre_edit"]["reliability.token_acc"] + 0.2
     assert not (tmp_path / "ck").exists()  # removed once the results are written

@@ -314,6 +314,7 @@ def test_fuzz_http_never_5xx_never_changes_the_store_on_error(
 
 def test_lemoe_serve_starts_with_a_private_token_and_stops_on_sigterm(tmp_path: Path, tokenizer: object) -> None:
     import os
+    import select
     import signal
     import stat
     import subprocess
@@ -331,7 +332,9 @@ def test_lemoe_serve_starts_with_a_private_token_and_stops_on_sigterm(tmp_path: 
         text=True,
         env=env,
     )
-    try:
+    try:  # every wait bounded: the first line, then the exit after SIGTERM (killed if it overstays)
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "lemoe serve printed nothing within 120 s"
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert "serving" in line, line
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
@@ -343,7 +346,13 @@ def test_lemoe_serve_starts_with_a_private_token_and_stops_on_sigterm(tmp_path: 
         assert status == 200 and info["method"] == "ft-m"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise
+    assert code == 0
     assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]
 
 

@@ -7,6 +7,7 @@ each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from lemoe.cli.run import DEMO_EDITS, add_run_commands
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "lemoe " + shlex.join(sys.argv[1:] if argv is None else argv)  # for results records
     try:
         return int(args.func(args))
     except (ValueError, KeyError, FileNotFoundError) as e:

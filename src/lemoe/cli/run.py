@@ -94,7 +94,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         order=args.order,
         seed=args.seed,
     )
-    progress: dict[str, Any] = {"status": "running", "method": args.method, "steps": [], "timeline": []}
+    command = getattr(args, "command_line", None)  # what reproduces this record
+    progress: dict[str, Any] = {
+        "status": "running",
+        "command": command,
+        "method": args.method,
+        "steps": [],
+        "timeline": [],
+    }
     checkpoint = None
     if args.checkpoint:  # checked first: a directory of the user's files is refused before any work
         checkpoint = RunCheckpoint(
@@ -128,6 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         on_step=keep("steps") if args.out else None, on_eval=keep("timeline") if args.out else None,
         checkpoint=checkpoint,
     )  # fmt: skip
+    record["command"] = command
     record["data"] = {**data_identity, "zsre_target": args.zsre_target}
     record["model"]["name"] = args.model
     if args.out:

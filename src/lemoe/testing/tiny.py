@@ -1,7 +1,8 @@
 """Tiny random-initialised causal LMs, one per supported architecture family, built from configs.
 
 They exercise the model-access layer and every method on the real Hugging Face module code of each
-family without any download. Vocabulary size defaults to SmolLM2's so its tokenizer can drive them.
+family without any download. Vocabulary size defaults to SmolLM2's, the size of the offline test tokenizer
+(:func:`lemoe.testing.tiny_tokenizer`), so it or SmolLM2's tokenizer can drive them.
 """
 
 from __future__ import annotations
