@@ -50,7 +50,7 @@ def load_valid(kind: str, path: str) -> tuple[list[EditRequest], int]:
 
 
 def routing_report(method: Any, requests: list[EditRequest]) -> dict[str, float]:
-    owner = {rid: e for e, ids in enumerate(method.expert_requests) for rid in ids}
+    owner = {rid: e for e, ids in enumerate(method.edits.expert_requests) for rid in ids}
     own = torch.tensor([owner[r.request_id] for r in requests])
     got = method.route_prompts([r.prompt for r in requests])
     para = [(i, p) for i, r in enumerate(requests) for p in r.paraphrases]
@@ -65,7 +65,7 @@ def routing_report(method: Any, requests: list[EditRequest]) -> dict[str, float]
     rep["experts"] = method.n_experts
     rep["params_per_expert"] = method.parameters_per_expert()
     rep["params_added_per_edit"] = method.parameters_per_expert() * method.n_experts / len(requests)
-    rep["null_threshold"] = method.threshold
+    rep["null_threshold"] = method.calibration.threshold
     return rep
 
 
@@ -158,19 +158,19 @@ def cmd_latency(args: argparse.Namespace) -> None:
         for _ in range(n):
             e = Expert(method.d_in, method.d_out, method.config.expert_width, method.init_std, g)
             torch.nn.init.normal_(e.w2, std=1e-3, generator=g)
-            method.bank = method.bank.append(e)
+            method.edits.bank = method.bank.append(e)
         if n:
             # real keys: one edit per expert (ZsRE records 0..n-1, so the timed prompts 0..batch-1
             # are among them and every sequence is routed: the worst case); the scoring cost grows
             # with the number of keys as it would after n real edits
-            method.expert_batches = list(range(n))
-            method.expert_requests = [[] for _ in range(n)]
+            method.edits.expert_batches = list(range(n))
+            method.edits.expert_requests = [[] for _ in range(n)]
             if method.config.route_key == "subject":
                 for i in range(n):
                     method._add_subject_keys([requests[i % len(requests)]], i)
             else:
                 q = method.routing_embeddings([r.prompt for r in requests[:n]])
-                method.keys, method.key_expert = q, torch.arange(n)
+                method.router.keys, method.router.key_expert = q, torch.arange(n)
         routed = method.route_prompts([r.prompt for r in requests[: args.batch]]) if n else None
         assert routed is None or bool((routed >= 0).all()), "latency needs every timed prompt routed"
         base, edited = paired(method.forward_context)

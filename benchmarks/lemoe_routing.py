@@ -42,7 +42,7 @@ def measure(method, requests, batch: int) -> dict[str, float]:
             n = int(owner.max()) + 1
             q = torch.nn.functional.normalize(torch.stack([q[owner == e].mean(0) for e in range(n)]), dim=-1)
             owner = torch.arange(n)
-        method.keys, method.key_expert = q, owner
+        method.router.keys, method.router.key_expert = q, owner
     para = method.route_prompts([r.paraphrases[0] for r in requests])
     loc = method.route_prompts([r.locality[0].prompt for r in requests])
     prompt = method.route_prompts([r.prompt for r in requests])
@@ -51,7 +51,7 @@ def measure(method, requests, batch: int) -> dict[str, float]:
         "paraphrase_routed_to_own": float((para == own).float().mean()),
         "paraphrase_null": float((para < 0).float().mean()),
         "locality_null_route_rate": float((loc < 0).float().mean()),
-        "threshold": method.threshold if method.config.route_key == "prompt" else None,
+        "threshold": method.calibration.threshold if method.config.route_key == "prompt" else None,
         "route_layer": method.route_layer,
         "null_margin": method.null_margin,
     }

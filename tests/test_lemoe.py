@@ -235,7 +235,7 @@ def test_token_gating_and_shared_expert_modes(tokenizer) -> None:
     shared = build_method("lemoe", model, tokenizer, {**OPTS, "expert_mode": "shared"})
     shared.apply([EDITS[0]])
     shared.apply([EDITS[1]])
-    assert shared.n_experts == 1 and set(shared.key_expert.tolist()) == {0}
+    assert shared.n_experts == 1 and set(shared.router.key_expert.tolist()) == {0}
     with pytest.raises(RollbackNotSupported):
         shared.rollback(0)
 
@@ -351,7 +351,7 @@ def test_subject_keys_route_paraphrases_not_neighbours_on_smollm2(smollm2) -> No
             ]
         )
         assert got.tolist() == [0, 0, 0, NULL, NULL]
-        assert method.slot_threshold.max() <= 0.999 and method.slot_threshold.min() > 0
+        assert method.router.slot_threshold.max() <= 0.999 and method.router.slot_threshold.min() > 0
     finally:
         method.remove_hooks()
 

@@ -22,11 +22,15 @@ exactly):
   blocks below ``route_layer`` once more on the prompt behind a separator token and routes on that.);
 - a forward pre-hook on the MLP's input projection captures ``x``; a forward hook on its output
   projection adds the chosen experts' output, gathered per sequence in one batched matmul.
+
+Layout: this class is the injection (hooks and the per-forward runtime) and composes the parts
+along their seams: :class:`~.state.Edits` (experts, keys, which batch each expert holds),
+:class:`~.routing.Router` (the key table and its decisions), :class:`~.calibration.Calibration`
+(generic-text statistics and thresholds) and :mod:`.training` (building rows, fitting an expert).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,16 +44,17 @@ from torch import nn
 
 from lemoe.batching import pad_id, pad_right
 from lemoe.data.knowns import KNOWNS
-from lemoe.methods.base import EditMethod, RollbackNotSupported, StateError
-from lemoe.methods.lemoe import parts, router, segments, wording
+from lemoe.methods.base import EditMethod, RollbackNotSupported
+from lemoe.methods.lemoe import parts, router, segments, training, wording
+from lemoe.methods.lemoe.calibration import Calibration, TokenBatch
 from lemoe.methods.lemoe.config import LEMoEConfig
 from lemoe.methods.lemoe.experts import ACTIVATIONS, Expert, ExpertBank, apply_per_sequence, apply_per_token
 from lemoe.methods.lemoe.generic import GENERIC_PROMPTS
 from lemoe.methods.lemoe.planning import plan_clustered
-from lemoe.methods.training import build_lm_batch
+from lemoe.methods.lemoe.routing import Router
+from lemoe.methods.lemoe.state import Edits
 from lemoe.models.access import weight_as_out_in
-from lemoe.models.frozen import hidden_before_block, skip_frozen_blocks
-from lemoe.models.kv_cache import cache_keyword, passed_cache, returned_cache
+from lemoe.models.kv_cache import passed_cache
 from lemoe.requests import EditRequest
 
 
@@ -100,7 +105,7 @@ class LEMoE(EditMethod):
 
     def __init__(self, model: nn.Module, tokenizer: object, config: LEMoEConfig | None = None) -> None:
         super().__init__(model, tokenizer, config)
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        cfg = self.cfg
         self.layer = cfg.layer if cfg.layer is not None else self.access.default_edit_layer()
         subject = cfg.route_key == "subject"
         self.route_layer = cfg.route_layer if cfg.route_layer is not None else (4 if subject else 1)
@@ -114,14 +119,14 @@ class LEMoE(EditMethod):
         self.init_std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(self.d_in)
         self._rt = _Runtime()
         self._rt_static: dict[str, Any] = {}  # derived from the tokenizer only (clause flags)
-        # Calibration (depends on the base model and calibration text only; saved with the state).
-        self.route_mean: torch.Tensor | None = None
-        self.route_std: torch.Tensor | None = None
-        self.threshold: float | None = None
-        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None  # route_key=subject, runtime
+        self.calibration = Calibration()  # the base model's, saved with the state
         self._clear_edits()
         self._handles: list[Any] = []
         self._install_hooks()
+
+    @property
+    def cfg(self) -> LEMoEConfig:
+        return self.config  # type: ignore[return-value]
 
     def _install_hooks(self) -> None:
         self._handles = [
@@ -131,24 +136,6 @@ class LEMoE(EditMethod):
             self.parts.input_module.register_forward_pre_hook(self._on_mlp_input),
             self.parts.out_proj.register_forward_hook(self._on_mlp_output),
         ]
-
-    # -- state -----------------------------------------------------------------------------------
-    def _clear_edits(self) -> None:
-        self._state_epoch = getattr(self, "_state_epoch", 0) + 1  # see append_only_state
-        dev, dt = self.access.device, self.access.dtype
-        width = self.config.expert_width  # type: ignore[attr-defined]
-        self.bank = ExpertBank.empty(self.d_in, self.d_out, width, dt, dev)
-        d_route = self.access.hidden_size
-        self.keys = torch.zeros(0, d_route, device=dev)
-        self.key_expert = torch.zeros(0, dtype=torch.long, device=dev)
-        # route_key=subject: ``keys`` and ``key_expert`` are per slot (one subject token); these say
-        # which key a slot belongs to, its offset from the key's last token and the key's threshold.
-        self.slot_key = torch.zeros(0, dtype=torch.long, device=dev)
-        self.slot_offset = torch.zeros(0, dtype=torch.long, device=dev)
-        self.slot_threshold = torch.zeros(0, device=dev)
-        self.next_key = 0
-        self.expert_batches: list[int] = []  # the batch index each expert was trained on
-        self.expert_requests: list[list[str]] = []  # request ids per expert
 
     def remove_hooks(self) -> None:
         """Detach LEMoE from the model (the base model's behaviour is then exactly restored)."""
@@ -165,9 +152,23 @@ class LEMoE(EditMethod):
         finally:
             self._install_hooks()
 
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def bank(self) -> ExpertBank:
+        return self.edits.bank
+
+    @property
+    def router(self) -> Router:
+        return self.edits.router
+
     @property
     def n_experts(self) -> int:
-        return len(self.bank)
+        return len(self.edits)
+
+    def _clear_edits(self) -> None:
+        self._state_epoch = getattr(self, "_state_epoch", 0) + 1  # see append_only_state
+        dev, dt = self.access.device, self.access.dtype
+        self.edits = Edits.empty(self.d_in, self.d_out, self.cfg.expert_width, self.access.hidden_size, dt, dev)
 
     def reset(self) -> None:
         self._clear_edits()
@@ -175,93 +176,49 @@ class LEMoE(EditMethod):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._ensure_calibrated()
-        assert self.route_mean is not None and self.route_std is not None and self.threshold is not None
-        return {
-            **{f"experts.{k}": v for k, v in self.bank.tensors().items()},
-            "router.keys": self.keys,
-            "router.key_expert": self.key_expert,
-            "router.mean": self.route_mean,
-            "router.std": self.route_std,
-            "router.threshold": torch.tensor([self.threshold], dtype=torch.float64),
-            "router.slot_key": self.slot_key,
-            "router.slot_offset": self.slot_offset,
-            "router.slot_threshold": self.slot_threshold,
-        }
+        return {**self.edits.tensors(), **self.calibration.tensors()}
 
     def append_only_state(self) -> dict[str, int]:
         """Experts (one per batch), router keys and their slots, and the per-expert lists only grow
-        by appending until a reset, load or rollback (each bumps the epoch). In shared-expert mode
-        expert 0 and its request list change every batch, so they are not declared."""
-        keys = [f"router.{k}" for k in ("keys", "key_expert", "slot_key", "slot_offset", "slot_threshold")]
-        if self.config.expert_mode != "shared":  # type: ignore[attr-defined]
-            keys += [f"experts.{k}" for k in ("w1", "b1", "w2", "b2")] + ["expert_batches", "expert_requests"]
-        return dict.fromkeys(keys, self._state_epoch)
+        by appending until a reset, load or rollback (each bumps the epoch)."""
+        return dict.fromkeys(Edits.append_only_keys(self.cfg.expert_mode == "shared"), self._state_epoch)
 
     def state_meta(self) -> dict[str, Any]:
+        meta = self.edits.meta()
         return {
             **super().state_meta(),
-            "n_experts": self.n_experts,
-            "expert_batches": list(self.expert_batches),
-            "expert_requests": [list(r) for r in self.expert_requests],
-            "route_key": self.config.route_key,  # type: ignore[attr-defined]
-            "next_key": self.next_key,
+            "n_experts": meta["n_experts"],
+            "expert_batches": meta["expert_batches"],
+            "expert_requests": meta["expert_requests"],
+            "route_key": self.cfg.route_key,
+            "next_key": meta["next_key"],
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        need = [f"experts.{k}" for k in ("w1", "b1", "w2", "b2")] + [
-            f"router.{k}" for k in ("keys", "key_expert", "mean", "std", "threshold")
-        ]
-        missing = [k for k in need if k not in state]
-        if missing:
-            raise StateError(f"LEMoE state misses {missing}")
-        w1, b1, w2, b2 = (state[f"experts.{k}"] for k in ("w1", "b1", "w2", "b2"))
-        width, d = cfg.expert_width, self.access.hidden_size
-        n = w1.shape[0] if w1.dim() == 3 else -1
-        shapes_ok = (
-            w1.shape == (n, width, self.d_in)
-            and b1.shape == (n, width)
-            and w2.shape == (n, self.d_out, width)
-            and b2.shape == (n, self.d_out)
+        dims = (self.d_in, self.d_out, self.cfg.expert_width, self.access.hidden_size)
+        edits = Edits.from_state(
+            state,
+            meta,
+            dims=dims,
+            subject=self.cfg.route_key == "subject",
+            dtype=self.access.dtype,
+            device=self.access.device,
         )
-        keys, key_expert = state["router.keys"], state["router.key_expert"]
-        router_ok = (
-            keys.dim() == 2
-            and keys.shape[1] == d
-            and key_expert.shape == (keys.shape[0],)
-            and (key_expert.numel() == 0 or (int(key_expert.min()) >= 0 and int(key_expert.max()) < max(n, 1)))
-            and state["router.mean"].shape == (d,)
-            and state["router.std"].shape == (d,)
-            and state["router.threshold"].numel() == 1
-        )
-        subject = cfg.route_key == "subject"
-        slots = {k: state.get(f"router.slot_{k}") for k in ("key", "offset", "threshold")}
-        if subject:
-            router_ok = router_ok and all(v is not None and v.shape == (keys.shape[0],) for v in slots.values())
-            router_ok = router_ok and meta.get("route_key", "prompt") == "subject"
-        else:
-            router_ok = router_ok and meta.get("route_key", "prompt") == "prompt"
-        batches, reqs = meta.get("expert_batches"), meta.get("expert_requests")
-        meta_ok = isinstance(batches, list) and isinstance(reqs, list) and len(batches) == n == len(reqs)
-        if not (shapes_ok and router_ok and meta_ok):
-            raise StateError("LEMoE state does not match this config/model (shapes or metadata inconsistent)")
-        dev, dt = self.access.device, self.access.dtype
         self._state_epoch += 1
-        self.bank = ExpertBank(*(t.to(device=dev, dtype=dt) for t in (w1, b1, w2, b2)))
-        self.keys = keys.to(device=dev, dtype=torch.float32)
-        self.key_expert = key_expert.to(device=dev, dtype=torch.long)
-        self.route_mean = state["router.mean"].to(dev, torch.float32)
-        self.route_std = state["router.std"].to(dev, torch.float32)
-        self.threshold = float(state["router.threshold"])
-        if subject:
-            self.slot_key = slots["key"].to(dev, torch.long)  # type: ignore[union-attr]
-            self.slot_offset = slots["offset"].to(dev, torch.long)  # type: ignore[union-attr]
-            self.slot_threshold = slots["threshold"].to(dev, torch.float32)  # type: ignore[union-attr]
-            default_next = int(self.slot_key.max()) + 1 if self.slot_key.numel() else 0
-            self.next_key = int(meta.get("next_key", default_next))
-        self.expert_batches = [int(b) for b in batches]
-        self.expert_requests = [list(r) for r in reqs]
-        self.batches_applied = int(meta.get("batches_applied", n))
+        self.edits = edits
+        self.calibration.load(state, self.access.device)
+        self.batches_applied = int(meta.get("batches_applied", len(edits)))
+
+    def rollback(self, batch_index: int) -> None:
+        """Remove the expert trained on batch ``batch_index``; every other expert is untouched."""
+        if self.cfg.expert_mode == "shared":
+            raise RollbackNotSupported("expert_mode=shared mixes every batch into one expert")
+        self.edits.remove_batch(batch_index)
+        self._state_epoch += 1
+
+    def parameters_per_expert(self) -> int:
+        w = self.cfg.expert_width
+        return w * self.d_in + w + self.d_out * w + self.d_out
 
     # -- hooks -----------------------------------------------------------------------------------
     @contextmanager
@@ -275,7 +232,7 @@ class LEMoE(EditMethod):
             self._rt.prompt_mask = previous
 
     def _on_model_forward(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        rt = self._rt
+        rt, cfg = self._rt, self.cfg
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         rt.active = True
@@ -285,7 +242,7 @@ class LEMoE(EditMethod):
         b, t = ref.shape[:2]
         rt.batch = b
         keep = (
-            self.config.routing == "instance"  # type: ignore[attr-defined]
+            cfg.routing == "instance"
             and _is_decoding(passed_cache(kwargs))
             and rt.choice is not None
             and rt.choice.shape[0] == b
@@ -304,7 +261,6 @@ class LEMoE(EditMethod):
             mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
         rt.pool_mask = mask
         rt.choice, rt.tail, rt.ids = None, None, ids
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         if cfg.route_key == "subject" and cfg.route_prefix and rt.mode == "route" and self.n_experts > 0:
             if ids is None:
                 return  # inputs_embeds only: no token ids to route on, so no expert
@@ -316,7 +272,7 @@ class LEMoE(EditMethod):
         self._rt.x = None
 
     def _on_route_input(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        rt = self._rt
+        rt, cfg = self._rt, self.cfg
         if not rt.active or rt.mode not in ("route", "observe") or rt.decoding:
             return
         h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -325,7 +281,6 @@ class LEMoE(EditMethod):
         if rt.mode == "observe":
             rt.observed = h.detach()
             raise _Stop
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
         if cfg.route_key == "subject" and cfg.route_prefix:
             return  # routed in the model pre-hook (its own pass behind the separator)
         if self.n_experts == 0:
@@ -335,7 +290,7 @@ class LEMoE(EditMethod):
         mask = rt.pool_mask if rt.pool_mask is not None and rt.pool_mask.shape == h.shape[:2] else None
         if cfg.route_key == "subject":
             valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-            q = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
+            q = self.calibration.tokens(h)
             if cfg.gate == "clause" and rt.ids is not None and rt.ids.shape == h.shape[:2]:
                 gate = self._route_clauses(q, valid, rt.ids)
                 if cfg.expert_positions == "subject":  # decoding reads the edited subject from the cache
@@ -346,12 +301,13 @@ class LEMoE(EditMethod):
                     self._decide(rt.tail)
                 rt.choice = gate
             else:
-                self._decide(self._route_span_queries(q, valid))
+                self._decide(self.router.route_spans(q, valid, cfg.null_route))
         elif cfg.routing == "token":
-            rt.choice = self._route_tokens(h)
+            threshold = self.calibration.token_threshold if cfg.null_route else None
+            rt.choice = self.router.route_queries(self.calibration.tokens(h), threshold)
         else:
             mask = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-            self._decide(self._route_queries(router.queries(h, mask, self.route_mean, self.route_std)))
+            self._decide(self._route_pooled(self.calibration.pooled(h, mask)))
 
     def _decide(self, choice: torch.Tensor) -> None:
         """Keep one per-sequence routing decision for this forward (and record it when asked)."""
@@ -368,7 +324,7 @@ class LEMoE(EditMethod):
         x, rt.x = rt.x, None
         if x is None:
             return None
-        scale = self.config.scale  # type: ignore[attr-defined]
+        scale = self.cfg.scale
         if rt.mode == "train" and rt.train_expert is not None:
             delta = rt.train_expert(x.float(), self.act).to(output.dtype)
             mask = rt.train_mask
@@ -389,23 +345,44 @@ class LEMoE(EditMethod):
             return None
         return output + scale * delta.reshape(output.shape)
 
-    # -- routing ---------------------------------------------------------------------------------
-    def _route_queries(self, q: torch.Tensor) -> torch.Tensor:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        choice, _ = router.route(q, self.keys, self.key_expert, self.threshold if cfg.null_route else None)
-        return choice
+    @contextmanager
+    def record_decisions(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the per-sequence decision of every prefill/full forward inside the block."""
+        self._rt.record = []
+        try:
+            yield self._rt.record
+        finally:
+            self._rt.record = None
 
-    def _route_tokens(self, h: torch.Tensor) -> torch.Tensor:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        q = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
-        threshold = self._rt.extra.get("token_threshold") if cfg.null_route else None
-        choice, _ = router.route(q, self.keys, self.key_expert, threshold)
-        return choice
+    @contextmanager
+    def _mode(self, mode: str, expert: Expert | None = None) -> Iterator[None]:
+        old = (self._rt.mode, self._rt.train_expert)
+        self._rt.mode, self._rt.train_expert = mode, expert
+        try:
+            yield
+        finally:
+            self._rt.mode, self._rt.train_expert = old
+            self._rt.x = None
+
+    # -- routing inputs --------------------------------------------------------------------------
+    def _route_pooled(self, q: torch.Tensor) -> torch.Tensor:
+        return self.router.route_queries(q, self.calibration.threshold if self.cfg.null_route else None)
+
+    def _route_clauses(self, q: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return self.router.route_clauses(
+            q,
+            valid,
+            ids,
+            self._token_classes(),
+            null_route=cfg.null_route,
+            min_tokens=cfg.clause_min_tokens,
+            positions=cfg.expert_positions,
+        )
 
     def _prefix_id(self) -> int | None:
         """The separator put before every routed text (route_key=subject), or None."""
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        if cfg.route_key != "subject" or not cfg.route_prefix:
+        if self.cfg.route_key != "subject" or not self.cfg.route_prefix:
             return None
         for name in ("eos_token_id", "bos_token_id"):
             tid = getattr(self.tokenizer, name, None)
@@ -441,19 +418,6 @@ class LEMoE(EditMethod):
         enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # type: ignore[operator]
         return self._observe_rows(enc, batch_size)
 
-    def _token_batch(
-        self, hidden: list[torch.Tensor], flags: list[torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit standardised token vectors ``[B, T, d]`` and which of them may match ``[B, T]``."""
-        width = max(h.shape[0] for h in hidden)
-        d = hidden[0].shape[-1]
-        q = torch.zeros(len(hidden), width, d, device=hidden[0].device)
-        valid = torch.zeros(len(hidden), width, dtype=torch.bool, device=hidden[0].device)
-        for r, h in enumerate(hidden):
-            q[r, : h.shape[0]] = router.token_queries(h, self.route_mean, self.route_std)  # type: ignore[arg-type]
-            valid[r, : h.shape[0]] = True if flags is None else flags[r].to(valid.device)
-        return q, valid
-
     def _route_ids(self, ids: torch.Tensor, attn: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         """route_key=subject: the expert of each sequence (``[B]``, ``NULL`` for none). The real
         tokens of each row are packed behind the separator (left or right padding alike)."""
@@ -463,8 +427,8 @@ class LEMoE(EditMethod):
         if any(len(r) == 0 for r in rows):
             rows = [r or [pad_id(self.tokenizer)] for r in rows]
             flags = [f if f.numel() else torch.zeros(1, dtype=torch.bool) for f in flags]
-        q, valid = self._token_batch(self._observe_rows(rows), flags)
-        return self._route_span_queries(q, valid).to(ids.device)
+        q, valid = self.calibration.token_batch(self._observe_rows(rows), flags)
+        return self.router.route_spans(q, valid, self.cfg.null_route).to(ids.device)
 
     def _token_classes(self) -> segments.TokenClasses:
         """Per-token clause flags of this tokenizer (built once, kept on the model's device)."""
@@ -475,72 +439,40 @@ class LEMoE(EditMethod):
             self._rt_static["classes"] = classes
         return classes
 
-    def _route_clauses(self, q: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """gate=clause: the expert of every position (``[B, T]``, ``NULL`` for none).
+    def _chat_wrap(self, system: str | None = None) -> tuple[str, str] | None:
+        """The tokenizer's chat template around a user message (computed once per system)."""
+        cache_key = f"chat_wrap:{system!r}"
+        if cache_key not in self._rt_static:
+            self._rt_static[cache_key] = wording.chat_wrap(self.tokenizer, system)
+        return self._rt_static[cache_key]
 
-        With ``expert_positions=subject`` only the matched subject's tokens in the question's
-        clause get the expert; otherwise every position of the question's clauses does."""
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        seg, content = segments.clause_segments(ids, valid, self._token_classes())
-        n_seg = int(seg.max()) + 1 if seg.numel() else 1
-        scores, keys = router.span_window_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
-        per_clause = segments.clause_scores(scores, seg, n_seg)  # [B, S, K]
-        expert = router.per_key(self.key_expert, self.slot_key, keys)
-        threshold = router.per_key(self.slot_threshold, self.slot_key, keys) if cfg.null_route else None
-        ok = per_clause >= threshold if threshold is not None else torch.isfinite(per_clause)
-        masked = per_clause.masked_fill(~ok, float("-inf"))
-        best = keys.numel() - 1 - masked.flip(-1).argmax(-1)  # [B, S]; ties go to the newest key
-        choice = torch.where(ok.any(-1), expert.to(best.device)[best], torch.full_like(best, router.NULL))
-        counts = segments.clause_content_counts(seg, content, n_seg)
-        gate, opening = segments.gate_by_clause(choice, counts, seg[:, -1], cfg.clause_min_tokens)
-        tokens = gate.gather(1, seg)
-        if cfg.expert_positions == "run":
-            return tokens
-        key = best.gather(1, opening.clamp(min=0)[:, None])  # [B, 1] the matched key
-        window = scores.gather(2, key[:, :, None].expand(-1, scores.shape[1], 1)).squeeze(-1)
-        end = window.masked_fill(seg != opening[:, None], float("-inf")).argmax(1, keepdim=True)
-        length = torch.zeros(keys.numel(), dtype=torch.long, device=q.device)
-        length = length.index_add_(0, torch.searchsorted(keys, self.slot_key), torch.ones_like(self.slot_key))
-        start = end - length[key] + 1
-        pos = torch.arange(tokens.shape[1], device=q.device)[None, :]
-        on = (pos >= start) & (pos <= end) & (opening[:, None] >= 0)
-        return torch.where(on, tokens, torch.full_like(tokens, router.NULL))
-
-    def _route_span_queries(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        scores, keys = router.span_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
-        expert = router.per_key(self.key_expert, self.slot_key, keys)
-        threshold = router.per_key(self.slot_threshold, self.slot_key, keys) if cfg.null_route else None
-        return router.route_spans(scores, threshold, expert)
-
+    # -- calibration -----------------------------------------------------------------------------
     def _calibration_texts(self) -> list[str]:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        if cfg.calibration_texts is not None:
-            return list(cfg.calibration_texts)
-        knowns = [prompt for _, prompt, _ in KNOWNS] if cfg.route_key == "subject" else []
+        if self.cfg.calibration_texts is not None:
+            return list(self.cfg.calibration_texts)
+        knowns = [prompt for _, prompt, _ in KNOWNS] if self.cfg.route_key == "subject" else []
         return list(GENERIC_PROMPTS) + knowns
 
     def _ensure_calibrated(self) -> None:
         """Standardisation statistics and the null threshold, from calibration text only (once)."""
-        if self.route_mean is not None and self.threshold is not None:
-            self._ensure_token_threshold()
-            return
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        hidden = self._route_hidden(self._calibration_texts())
-        self.route_mean, self.route_std = router.standardisation(hidden)
-        q = self._pool(hidden)
-        self.threshold = router.calibrate_threshold(q, cfg.null_quantile, self.null_margin)
-        if cfg.route_key == "subject":
-            self._calibration = self._token_batch(hidden, None)
-        self._ensure_token_threshold(hidden)
+        cfg, cal = self.cfg, self.calibration
+        hidden = None
+        if not cal.ready:
+            hidden = self._route_hidden(self._calibration_texts())
+            cal.fit(hidden, cfg.null_quantile, self.null_margin, keep_tokens=cfg.route_key == "subject")
+        if cfg.routing == "token" and cal.token_threshold is None:
+            hidden = hidden if hidden is not None else self._route_hidden(self._calibration_texts())
+            cal.fit_token_threshold(hidden, cfg.null_quantile, self.null_margin)
 
-    def _calibration_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _calibration_tokens(self) -> TokenBatch:
         """Token vectors of the calibration text (route_key=subject; recomputed after a load)."""
         self._ensure_calibrated()
-        if self._calibration is None:
-            self._calibration = self._token_batch(self._route_hidden(self._calibration_texts()), None)
-        return self._calibration
+        cal = self.calibration
+        if cal.token_vectors is None:
+            cal.token_vectors = cal.token_batch(self._route_hidden(self._calibration_texts()), None)
+        return cal.token_vectors
 
+    # -- keys ------------------------------------------------------------------------------------
     def _subject_keys(self, requests: Sequence[EditRequest], wrap: tuple[str, str] = ("", "")) -> list[torch.Tensor]:
         """The unit token vectors of each request's subject span in its prompt (the whole prompt
         when a request has no subject or the tokenizer gives no character offsets), with the
@@ -561,8 +493,7 @@ class LEMoE(EditMethod):
             if r.subject and offsets is not None:
                 start = len(before) + r.prompt.index(r.subject)
                 idx = router.span_from_offsets(list(offsets[i]), start, start + len(r.subject))
-            tokens = h[idx] if idx else h
-            spans.append(router.token_queries(tokens, self.route_mean, self.route_std))  # type: ignore[arg-type]
+            spans.append(self.calibration.tokens(h[idx] if idx else h))
         return spans
 
     def _key_wraps(self) -> list[tuple[str, str]]:
@@ -571,342 +502,105 @@ class LEMoE(EditMethod):
         of a bare prompt sits on the model's first position, whose states differ from the same
         words mid-text (where paraphrases and chat questions put it)."""
         wraps = [("", "")]
-        if self.config.context_keys:  # type: ignore[attr-defined]
+        if self.cfg.context_keys:
             chat = self._chat_wrap()
             if chat is not None:
                 wraps.append(chat)
             wraps.append((GENERIC_PROMPTS[0] + " ", ""))
         return wraps
 
-    def _chat_wrap(self, system: str | None = None) -> tuple[str, str] | None:
-        """(text before, text after) a user message in the tokenizer's chat template, or None.
-        ``system``: a system message to put first (None: the template's own default)."""
-        cache_key = f"chat_wrap:{system!r}"
-        if cache_key not in self._rt_static:
-            wrap = None
-            if getattr(self.tokenizer, "chat_template", None):
-                marker = "\x00MSG\x00"
-                messages = [{"role": "user", "content": marker}]
-                if system is not None:
-                    messages.insert(0, {"role": "system", "content": system})
-                try:
-                    text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-                        messages, tokenize=False, add_generation_prompt=True
-                    )
-                except Exception:  # a template that rejects this conversation: no chat wording
-                    text = ""
-                if isinstance(text, str) and text.count(marker) == 1:
-                    head, tail = text.split(marker)
-                    bos = getattr(self.tokenizer, "bos_token", None)
-                    wrap = (head[len(bos) :] if bos and head.startswith(bos) else head, tail)
-            self._rt_static[cache_key] = wrap
-        return self._rt_static[cache_key]
-
     def _add_subject_keys(self, requests: Sequence[EditRequest], index: int) -> None:
         """Append the keys of a batch (all routed to expert ``index``) with their thresholds."""
         spans = [span for wrap in self._key_wraps() for span in self._subject_keys(requests, wrap)]
-        vecs, key, offset = router.span_slots(spans, self.next_key)
-        qc, vc = self._calibration_queries()
-        cal, _ = router.span_scores(qc, vc, vecs, key, offset)
-        threshold = router.span_thresholds(cal, self.null_margin)[key - self.next_key]
-        dev = self.keys.device
-        self.keys = torch.cat([self.keys, vecs.to(dev)])
-        self.key_expert = torch.cat([self.key_expert, torch.full_like(key, index).to(dev)])
-        self.slot_key = torch.cat([self.slot_key, key.to(dev)])
-        self.slot_offset = torch.cat([self.slot_offset, offset.to(dev)])
-        self.slot_threshold = torch.cat([self.slot_threshold, threshold.to(dev)])
-        self.next_key += len(spans)
-
-    def _ensure_token_threshold(self, hidden: list[torch.Tensor] | None = None) -> None:
-        """Token-level gating's threshold: how close a generic token gets to another generic
-        prompt's routing embedding (the same rule, per token)."""
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        if cfg.routing != "token" or "token_threshold" in self._rt.extra:
-            return
-        hidden = hidden if hidden is not None else self._route_hidden(self._calibration_texts())
-        q = self._pool(hidden)
-        best = []
-        for i, h in enumerate(hidden):
-            s = router.token_queries(h, self.route_mean, self.route_std) @ q.T  # type: ignore[arg-type]
-            s[:, i] = -1.0
-            best.append(s.max(1).values)
-        scores = torch.cat(best)
-        t = float(torch.quantile(scores, cfg.null_quantile)) + self.null_margin
-        self._rt.extra["token_threshold"] = min(t, 0.999)
-
-    def _pool(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        assert self.route_mean is not None and self.route_std is not None
-        return torch.stack(
-            [
-                router.queries(
-                    h[None],
-                    torch.ones(1, h.shape[0], dtype=torch.bool, device=h.device),
-                    self.route_mean,
-                    self.route_std,
-                )[0]
-                for h in hidden
-            ]
-        )
+        self.router.add_subject_keys(spans, index, self._calibration_tokens(), self.null_margin)
 
     def routing_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit routing embeddings ``[n, d]`` of prompts (what the router compares with keys)."""
         self._ensure_calibrated()
-        return self._pool(self._route_hidden(prompts))
+        return self.calibration.pool(self._route_hidden(prompts))
 
     def route_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """The expert each prompt is routed to (``-1``: none), computed as at inference."""
-        if self.keys.shape[0] == 0:
+        cfg = self.cfg
+        if self.router.size == 0:
             return torch.full((len(prompts),), router.NULL, dtype=torch.long)
-        if self.config.route_key == "subject":  # type: ignore[attr-defined]
-            self._ensure_calibrated()
-            clause = self.config.gate == "clause" and not self.config.route_prefix  # type: ignore[attr-defined]
-            out = []
-            for i in range(0, len(prompts), 32):
-                chunk = list(prompts[i : i + 32])
-                q, valid = self._token_batch(self._route_hidden(chunk), None)
-                if clause:  # the expert of the last clause: the one that answers
-                    enc = self.tokenizer(chunk, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-                    ids, _ = pad_right(enc, pad_id(self.tokenizer, eos_fallback=False), self.access.device)
-                    gate = self._route_clauses(q, valid, ids)
-                    if self.config.expert_positions == "subject":  # type: ignore[attr-defined]
-                        out.append(gate.max(1).values.cpu())
-                    else:
-                        out.append(gate.gather(1, segments.last_valid(valid)[:, None]).squeeze(1).cpu())
-                else:
-                    out.append(self._route_span_queries(q, valid).cpu())
-            return torch.cat(out)
-        return self._route_queries(self.routing_embeddings(prompts)).cpu()
-
-    @contextmanager
-    def record_decisions(self) -> Iterator[list[torch.Tensor]]:
-        """Collect the per-sequence decision of every prefill/full forward inside the block."""
-        self._rt.record = []
-        try:
-            yield self._rt.record
-        finally:
-            self._rt.record = None
-
-    @contextmanager
-    def _mode(self, mode: str, expert: Expert | None = None) -> Iterator[None]:
-        old = (self._rt.mode, self._rt.train_expert)
-        self._rt.mode, self._rt.train_expert = mode, expert
-        try:
-            yield
-        finally:
-            self._rt.mode, self._rt.train_expert = old
-            self._rt.x = None
+        if cfg.route_key != "subject":
+            return self._route_pooled(self.routing_embeddings(prompts)).cpu()
+        self._ensure_calibrated()
+        clause = cfg.gate == "clause" and not cfg.route_prefix
+        out = []
+        for i in range(0, len(prompts), 32):
+            chunk = list(prompts[i : i + 32])
+            q, valid = self.calibration.token_batch(self._route_hidden(chunk), None)
+            if not clause:
+                out.append(self.router.route_spans(q, valid, cfg.null_route).cpu())
+                continue
+            # the expert of the last clause: the one that answers
+            enc = self.tokenizer(chunk, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+            ids, _ = pad_right(enc, pad_id(self.tokenizer, eos_fallback=False), self.access.device)
+            gate = self._route_clauses(q, valid, ids)
+            if cfg.expert_positions == "subject":
+                out.append(gate.max(1).values.cpu())
+            else:
+                out.append(gate.gather(1, segments.last_valid(valid)[:, None]).squeeze(1).cpu())
+        return torch.cat(out)
 
     # -- editing ---------------------------------------------------------------------------------
     def plan_batches(self, requests: Sequence[EditRequest], batch_size: int) -> list[list[EditRequest]]:
         """Clustered order (k-means over routing embeddings) unless ``order=arrival``."""
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        cfg = self.cfg
         if cfg.order == "arrival" or batch_size <= 1 or len(requests) <= batch_size:
             return super().plan_batches(requests, batch_size)
         emb = self.routing_embeddings([r.prompt for r in requests])
         return plan_clustered(list(requests), emb, batch_size, seed=cfg.seed)
 
     def _apply(self, requests: list[EditRequest]) -> dict[str, Any]:
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
+        cfg = self.cfg
         self._ensure_calibrated()
         subject = cfg.route_key == "subject"
         q = None if subject else self.routing_embeddings([r.prompt for r in requests])
-        eos = getattr(self.tokenizer, "eos_token", None) if cfg.train_stop else None
         chat = self._chat_wrap(cfg.chat_system) if cfg.train_chat else None
-        prefixes = [
-            (lambda i, k=k: _context(self.batches_applied, i, k)) for k in range(cfg.train_prefixes)
-        ]  # the same edits behind unrelated context
-        rows = wording.training_rows(requests, eos or "", chat, prefixes, cfg.preserve_relations)
-        # A preservation row has no target; it is scored at its last prompt position only.
-        batch = build_lm_batch(self.tokenizer, [r.text for r in rows], [r.target or "x" for r in rows])
-        preserve = torch.tensor([r.preserve for r in rows])
-        batch.target_mask[preserve] = False
-        batch = batch.to(self.access.device)
-        positions = "subject" if cfg.gate == "clause" and cfg.expert_positions == "subject" else "run"
-        width = batch.input_ids.shape[1]
-        mask = wording.expert_mask(self.tokenizer, rows, width, positions)
-        mask |= (batch.target_mask & (positions == "run")).cpu()  # run: the answer continues the clause
-        in_chat = torch.tensor(
-            [bool(chat and chat[0]) and r.prompt_start == len(chat[0]) and r.text.startswith(chat[0]) for r in rows]
+        split, preserve = training.training_parts(
+            self.tokenizer, requests, cfg, chat, self.batches_applied, self.access.device
         )
-        mask = mask.to(self.access.device)
-        if cfg.share_prefix:  # the chat rows' template prefix runs once per batch, not once per step
-            training_parts = parts.split_shared_prefix(batch, mask, in_chat)
-        else:
-            training_parts = [parts.Part(torch.arange(len(rows), device=mask.device), batch, mask)]
         gen = torch.Generator().manual_seed(cfg.seed + self.batches_applied)
         expert = Expert(self.d_in, self.d_out, cfg.expert_width, self.init_std, gen)
         expert = expert.to(self.access.device, torch.float32)
-        shared = cfg.expert_mode == "shared" and self.n_experts > 0
-        if shared:
+        shared = cfg.expert_mode == "shared"
+        if shared and self.n_experts > 0:
             self.bank.load_into(0, expert)
         try:
-            steps, loss_value, acc = self._train(expert, training_parts, preserve.to(self.access.device))
+            steps, loss_value, acc = training.fit_expert(
+                expert,
+                split,
+                preserve,
+                cfg,
+                logits_of=self._part_logits,
+                frozen=lambda: self._mode("off"),
+                training_mode=lambda: self._mode("train", expert),
+                prepare=lambda part: training.prepare_part(self.model, self.access, self.layer, part),
+            )
         finally:
             self._rt.train_mask = None
-        index = 0 if cfg.expert_mode == "shared" else self.n_experts
-        if shared:
-            self.bank = self.bank.replace(0, expert)
-            self.expert_requests[0].extend(r.request_id for r in requests)
-        else:
-            self.bank = self.bank.append(expert)
-            self.expert_batches.append(self.batches_applied)
-            self.expert_requests.append([r.request_id for r in requests])
+        index = self.edits.add_expert(expert, self.batches_applied, [r.request_id for r in requests], shared=shared)
         if subject:
             self._add_subject_keys(requests, index)
-            return self._apply_report(steps, loss_value, acc)
-        assert q is not None
-        keys = q if cfg.anchor_keys == "request" else F.normalize(q.mean(0, keepdim=True), dim=-1)
-        self.keys = torch.cat([self.keys, keys.to(self.keys)])
-        self.key_expert = torch.cat(
-            [self.key_expert, torch.full((keys.shape[0],), index, dtype=torch.long, device=self.key_expert.device)]
-        )
-        return self._apply_report(steps, loss_value, acc)
-
-    def _apply_report(self, steps: int, loss_value: float, acc: float) -> dict[str, Any]:
+        else:
+            assert q is not None
+            keys = q if cfg.anchor_keys == "request" else F.normalize(q.mean(0, keepdim=True), dim=-1)
+            self.router.add_prompt_keys(keys, index)
         return {
             "steps": steps,
             "loss": loss_value,
             "accuracy": acc,
             "experts": self.n_experts,
-            "threshold": self.threshold,
+            "threshold": self.calibration.threshold,
         }
-
-    def _train(
-        self, expert: Expert, training_parts: list[parts.Part], preserve: torch.Tensor
-    ) -> tuple[int, float, float]:
-        """AdamW on the target NLL (plus the KL to the base model on preservation rows); frozen
-        blocks below the layer, and a shared token prefix of a part at every layer, computed once;
-        early stop when the targets are learned."""
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        with self._mode("off"):
-            for part in training_parts:
-                self._prepare_part(part)
-        opt = torch.optim.AdamW(expert.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps, loss_value, acc, extra_left = 0, float("nan"), 0.0, cfg.extra_steps
-        # Per part: positions predicting targets (pos) and, on preservation rows, the position after
-        # the prompt (keep); flattened over parts in order, with each position's row in the batch.
-        sel, is_target, labels, row_of = [], [], [], []
-        for part in training_parts:
-            pos = part.batch.target_mask[:, 1:]
-            keep = torch.zeros_like(pos)
-            kept = preserve[part.rows]
-            last = part.batch.prompt_mask.sum(1) - 1
-            keep[kept, last[kept]] = True
-            sel.append(pos | keep)
-            is_target.append(pos[pos | keep])
-            labels.append(part.batch.input_ids[:, 1:][pos])
-            row_of.append(part.rows[:, None].expand_as(pos)[pos])
-        is_target_all = torch.cat(is_target)
-        labels_all, rows = torch.cat(labels), torch.cat(row_of)
-        n_rows = preserve.shape[0]
-        counts = torch.zeros(n_rows, device=rows.device).index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32))
-        counts = counts.clamp(min=1.0)
-        edit_rows = ~preserve
-
-        def logits() -> torch.Tensor:
-            return torch.cat([self._part_logits(part, s) for part, s in zip(training_parts, sel, strict=True)])
-
-        base_logp = None
-        if bool((~is_target_all).any()):
-            with self._mode("off"), torch.no_grad():
-                base_logp = F.log_softmax(logits()[~is_target_all].float(), -1)
-        with self._mode("train", expert):
-            for _ in range(cfg.steps):
-                out = logits()
-                target_logits, keep_logits = out[is_target_all], out[~is_target_all]
-                with torch.no_grad():
-                    right = (target_logits.argmax(-1) == labels_all).float()
-                    per_seq = torch.zeros_like(counts).index_add_(0, rows, right) / counts
-                    acc = float(per_seq[edit_rows].min())
-                if acc >= cfg.stop_accuracy:
-                    if extra_left <= 0:
-                        break
-                    extra_left -= 1
-                nll = F.cross_entropy(target_logits.float(), labels_all, reduction="none")
-                loss = (torch.zeros_like(counts).index_add(0, rows, nll) / counts)[edit_rows].mean()
-                if base_logp is not None:
-                    logp = F.log_softmax(keep_logits.float(), -1)
-                    kl = F.kl_div(logp, base_logp, log_target=True, reduction="batchmean")
-                    loss = loss + cfg.preserve_weight * kl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                loss_value = float(loss.detach())
-        expert.requires_grad_(False)
-        return steps, loss_value, acc
-
-    def _prefix_forward(self, part: parts.Part) -> dict[str, Any]:
-        """Forward arguments that put a part's rows behind its shared prefix: a fresh copy of the
-        prefix's KV cache for every row, and an attention mask covering prefix and suffix."""
-        if part.start == 0:
-            return {"attention_mask": part.batch.attention_mask, "use_cache": False}
-        n = part.rows.shape[0]
-        cache = copy.deepcopy(part.prefix_cache)
-        cache.batch_repeat_interleave(n)
-        ones = torch.ones(n, part.start, dtype=part.batch.attention_mask.dtype, device=part.rows.device)
-        return {
-            "attention_mask": torch.cat([ones, part.batch.attention_mask], 1),
-            cache_keyword(self.model): cache,
-            "use_cache": True,
-        }
-
-    def _prepare_part(self, part: parts.Part) -> None:
-        """The prefix's KV cache (once) and the edited block's input for the part's rows (once)."""
-        if part.start:
-            assert part.prefix_ids is not None
-            part.prefix_cache = returned_cache(self.model(input_ids=part.prefix_ids, use_cache=True))
-        kwargs = self._prefix_forward(part)
-        attn = kwargs.pop("attention_mask")
-        part.hidden, part.tuple_out = hidden_before_block(self.access, self.layer, part.batch.input_ids, attn, **kwargs)
 
     def _part_logits(self, part: parts.Part, pos: torch.Tensor) -> torch.Tensor:
-        """Logits at the positions that predict target tokens only (the LM head over a 49k
-        vocabulary on every position would cost more than the blocks above the edited layer)."""
-        assert part.hidden is not None
+        """A part's logits at ``pos``, with the trained expert acting at the part's positions."""
         self._rt.train_mask = part.mask
-        base = self.model.base_model
-        kwargs = self._prefix_forward(part)
-        if part.start:  # the base model takes the cache under its own keyword
-            kwargs[cache_keyword(base)] = kwargs.pop(cache_keyword(self.model))
-        with skip_frozen_blocks(self.access, self.layer, part.hidden, part.tuple_out):
-            out = base(input_ids=part.batch.input_ids, **kwargs)
-        h = out[0][:, :-1][pos]
-        logits = self.model.get_output_embeddings()(h)
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def rollback(self, batch_index: int) -> None:
-        """Remove the expert trained on batch ``batch_index``; every other expert is untouched."""
-        cfg: LEMoEConfig = self.config  # type: ignore[assignment]
-        if cfg.expert_mode == "shared":
-            raise RollbackNotSupported("expert_mode=shared mixes every batch into one expert")
-        if batch_index not in self.expert_batches:
-            raise KeyError(f"no expert for batch {batch_index} (have {self.expert_batches})")
-        p = self.expert_batches.index(batch_index)
-        self._state_epoch += 1
-        self.bank = self.bank.remove(p)
-        keep = self.key_expert != p
-        self.keys = self.keys[keep]
-        if self.slot_key.numel():
-            self.slot_key = self.slot_key[keep]
-            self.slot_offset = self.slot_offset[keep]
-            self.slot_threshold = self.slot_threshold[keep]
-        ke = self.key_expert[keep]
-        self.key_expert = torch.where(ke > p, ke - 1, ke)
-        del self.expert_batches[p]
-        del self.expert_requests[p]
-
-    def parameters_per_expert(self) -> int:
-        w = self.config.expert_width  # type: ignore[attr-defined]
-        return w * self.d_in + w + self.d_out * w + self.d_out
-
-
-def _context(batch: int, item: int, k: int) -> str:
-    """A deterministic unrelated sentence to put before an edit prompt (``train_prefixes``)."""
-    return GENERIC_PROMPTS[(batch * 7 + item * 3 + k * 11) % len(GENERIC_PROMPTS)]
+        return training.part_logits(self.model, self.access, self.layer, part, pos)
 
 
 def attn_mask_or_ones(attn: Any, b: int, t: int, device: torch.device) -> torch.Tensor:

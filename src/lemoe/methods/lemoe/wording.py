@@ -119,3 +119,25 @@ def expert_mask(tokenizer: object, rows: Sequence[TrainingRow], width: int, posi
             first = next((j for j, a, _ in real if a >= row.prompt_start), len(offsets))
             mask[i, first:] = True
     return mask
+
+
+def chat_wrap(tokenizer: object, system: str | None = None) -> tuple[str, str] | None:
+    """(text before, text after) a user message in the tokenizer's chat template, or None when it
+    has none. ``system``: a system message to put first (None: the template's own default)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\x00MSG\x00"
+    messages = [{"role": "user", "content": marker}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    try:
+        text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # a template that rejects this conversation: no chat wording
+        return None
+    if not isinstance(text, str) or text.count(marker) != 1:
+        return None
+    head, tail = text.split(marker)
+    bos = getattr(tokenizer, "bos_token", None)
+    return (head[len(bos) :] if bos and head.startswith(bos) else head, tail)
