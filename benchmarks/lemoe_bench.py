@@ -150,7 +150,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
     once(no_context)  # warm-up
     rows = []
     for n in args.experts:
-        method = build_method("lemoe", model, tokenizer, {})
+        method = build_method("lemoe", model, tokenizer, dict(args.opt))
         method._ensure_calibrated()
         g = torch.Generator().manual_seed(0)
         from lemoe.methods.lemoe.experts import Expert
@@ -175,11 +175,16 @@ def cmd_latency(args: argparse.Namespace) -> None:
         assert routed is None or bool((routed >= 0).all()), "latency needs every timed prompt routed"
         base, edited = paired(method.forward_context)
         method.remove_hooks()
-        rows.append({"experts": n, "base_cpu_s": base, "edited_cpu_s": edited, "ratio": edited / base})
+        nbytes = {
+            name: sum(t.numel() * t.element_size() for t in group.values())
+            for name, group in (("expert_bytes", method.bank.tensors()), ("key_bytes", method.router.tensors()))
+        }
+        rows.append({"experts": n, "base_cpu_s": base, "edited_cpu_s": edited, "ratio": edited / base, **nbytes})
         print(rows[-1])
     out = {
         "command": "python benchmarks/lemoe_bench.py " + " ".join(args.argv),
         "model": "smollm2-135m",
+        "options": dict(args.opt),
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
@@ -213,6 +218,7 @@ def main() -> None:
     lat.add_argument("--new-tokens", type=int, default=16)
     lat.add_argument("--repeats", type=int, default=5)
     lat.add_argument("--threads", type=int, default=2)
+    lat.add_argument("--opt", action="append", type=_parse_option, default=[], help="LEMoE option key=value")
     lat.add_argument("--out", default=None)
     lat.set_defaults(func=cmd_latency)
     args = p.parse_args()

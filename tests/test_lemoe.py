@@ -380,3 +380,34 @@ def test_train_prefixes_learn_the_edit_behind_unrelated_context(tokenizer) -> No
     assert method.n_experts == 1 and method.route_prompts([EDITS[0].prompt]).tolist() == [0]
     with pytest.raises(ValueError, match="train_prefixes"):
         build_method("lemoe", tiny_model("llama"), tokenizer, {**OPTS, "train_prefixes": -1})
+
+
+def test_experts_stored_in_bfloat16_still_edit_and_round_trip(tokenizer, tmp_path) -> None:
+    model = tiny_model("llama")
+    prompts = [EDITS[0].prompt, *UNRELATED]
+    base = _logits(model, tokenizer, prompts)
+    method = build_method("lemoe", model, tokenizer, {**OPTS, "expert_dtype": "bfloat16"})
+    method.apply([EDITS[0]])
+    method.apply([EDITS[1]])
+    assert method.bank.w1.dtype == torch.bfloat16 and method.bank.w1.shape[0] == 2
+    after = _logits(model, tokenizer, prompts)
+    assert torch.equal(after[1:], base[1:])
+    # the edit is active (its first target token predicted; on this tiny random model, whose logits
+    # lie about one unit apart, rounding costs the later tokens), and storage is all that differs:
+    # the same experts trained and kept in float32, rounded
+    pairs = encode_pairs(tokenizer, [EDITS[0].prompt], [EDITS[0].target_new])
+    (pred,), _ = teacher_forced_predictions(model, tokenizer, pairs, context=method.forward_context)
+    assert int(pred[0]) == pairs[0].answer_ids[0]
+    reference = build_method("lemoe", tiny_model("llama"), tokenizer, OPTS)
+    reference.apply([EDITS[0]])
+    reference.apply([EDITS[1]])
+    for k, v in reference.bank.tensors().items():
+        assert v.dtype == torch.float32 and torch.equal(v.to(torch.bfloat16), method.bank.tensors()[k])
+    assert reference.bank.w1.element_size() == 2 * method.bank.w1.element_size()
+    method.save_pretrained(tmp_path / "bf16")
+    fresh = tiny_model("llama")
+    loaded = load_method(str(tmp_path / "bf16"), fresh, tokenizer)
+    assert loaded.bank.w1.dtype == torch.bfloat16
+    assert torch.equal(_logits(fresh, tokenizer, prompts), after)
+    with pytest.raises(ValueError, match="expert_dtype"):
+        build_method("lemoe", tiny_model("llama"), tokenizer, {**OPTS, "expert_dtype": "int8"})

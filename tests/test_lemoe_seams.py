@@ -117,3 +117,28 @@ def test_calibration_threshold_separates_unrelated_texts() -> None:
     assert vectors.shape == (3, 6, D) and valid.sum(1).tolist() == [6, 6, 3]
     cal.fit_token_threshold(hidden, quantile=0.95, margin=0.0)
     assert cal.token_threshold is not None and cal.token_threshold <= 0.999
+
+
+def test_appending_rows_copies_only_the_new_ones_and_never_alters_an_earlier_view(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lemoe.methods.lemoe.rows import append_rows
+
+    current = {"a": torch.zeros(0, 3), "b": torch.zeros(0, dtype=torch.long)}
+    buffer, snapshots, reallocations = None, [], 0
+    for i in range(40):
+        new = {"a": torch.full((1, 3), float(i)), "b": torch.tensor([i])}
+        before = buffer
+        current, buffer = append_rows(current, new, buffer)
+        reallocations += buffer is not before
+        snapshots.append({k: v for k, v in current.items()})
+    assert reallocations <= 8  # geometric growth, not one copy of everything per append
+    for i, snap in enumerate(snapshots):  # every view handed out still holds exactly its rows
+        assert snap["b"].tolist() == list(range(i + 1))
+        assert snap["a"][:, 0].tolist() == [float(j) for j in range(i + 1)]
+    # a holder of an older view appends into a fresh buffer, not over the newer rows
+    forked, fork_buffer = append_rows(snapshots[9], {"a": -torch.ones(1, 3), "b": torch.tensor([-1])}, buffer)
+    assert fork_buffer is not buffer and forked["b"].tolist() == [*range(10), -1]
+    assert current["b"].tolist() == list(range(40))
+    save_file({k: v.contiguous() for k, v in snapshots[4].items()}, str(tmp_path / "s.safetensors"))
+    assert load_file(str(tmp_path / "s.safetensors"))["b"].tolist() == list(range(5))

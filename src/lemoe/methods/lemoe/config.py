@@ -19,6 +19,9 @@ class LEMoEConfig(MethodConfig):
     activation: Activation = "gelu"
     scale: float = 1.0  # lambda in h = MLP(x) + lambda * sum_i g_i f_i(x)
     init_std: float | None = None  # std of W1 (None: 1/sqrt(hidden)); W2 and biases start at 0
+    expert_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"  # storage of frozen
+    #   experts: the model's dtype, or a narrower one (half the memory; each routed expert is cast
+    #   to the model's dtype when it runs; accuracy cost in docs/results/lemoe.md)
     expert_mode: Literal["new", "shared"] = "new"  # new: one frozen expert per batch; shared: one
     #   expert trained on every batch ("joint training" ablation, forgets)
     # -- routing ---------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ the cost per token is one expert's whatever the number of experts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lemoe.methods.lemoe.rows import RowBuffer, append_rows
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -44,6 +46,7 @@ class ExpertBank:
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
+    buffer: RowBuffer | None = field(default=None, repr=False, compare=False)  # room to append into
 
     @classmethod
     def empty(cls, d_in: int, d_out: int, width: int, dtype: torch.dtype, device: torch.device) -> ExpertBank:
@@ -59,9 +62,11 @@ class ExpertBank:
         return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
 
     def append(self, expert: Expert) -> ExpertBank:
-        """A new bank with ``expert`` (detached, copied) at the end; earlier experts bit-identical."""
-        new = {k: getattr(expert, k).detach().to(v).unsqueeze(0) for k, v in self.tensors().items()}
-        return ExpertBank(**{k: torch.cat([v, new[k]]) for k, v in self.tensors().items()})
+        """A new bank with ``expert`` (detached, copied) at the end; earlier experts bit-identical,
+        and this bank's tensors unchanged (the new row goes past their end, :mod:`.rows`)."""
+        new = {k: getattr(expert, k).detach().unsqueeze(0) for k in self.tensors()}
+        views, buffer = append_rows(self.tensors(), new, self.buffer)
+        return ExpertBank(**views, buffer=buffer)
 
     def replace(self, index: int, expert: Expert) -> ExpertBank:
         """A new bank with expert ``index`` replaced (shared-expert mode)."""
@@ -92,8 +97,9 @@ def apply_per_sequence(
         return None
     e = choice[rows]
     xr = x.index_select(0, rows)  # [R, T, d]
-    h = act(torch.baddbmm(bank.b1[e].unsqueeze(1), xr, bank.w1[e].transpose(1, 2)))  # [R, T, w]
-    y = torch.baddbmm(bank.b2[e].unsqueeze(1), h, bank.w2[e].transpose(1, 2))  # [R, T, d]
+    w1, b1, w2, b2 = (t[e].to(x.dtype) for t in (bank.w1, bank.b1, bank.w2, bank.b2))  # the routed ones
+    h = act(torch.baddbmm(b1.unsqueeze(1), xr, w1.transpose(1, 2)))  # [R, T, w]
+    y = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # [R, T, d]
     out = torch.zeros_like(x)
     return out.index_copy(0, rows, y.to(x.dtype))
 
@@ -108,6 +114,7 @@ def apply_per_token(
     for e in choice[choice >= 0].unique().tolist():
         sel = choice == e
         xe = x[sel]
-        y = F.linear(act(F.linear(xe, bank.w1[e], bank.b1[e])), bank.w2[e], bank.b2[e])
+        w1, b1, w2, b2 = (t[e].to(x.dtype) for t in (bank.w1, bank.b1, bank.w2, bank.b2))
+        y = F.linear(act(F.linear(xe, w1, b1)), w2, b2)
         out[sel] = y.to(x.dtype)
     return out

@@ -154,6 +154,12 @@ class LEMoE(EditMethod):
 
     # -- state -----------------------------------------------------------------------------------
     @property
+    def expert_dtype(self) -> torch.dtype:
+        """How frozen experts are stored (``expert_dtype``; training is always float32)."""
+        name = self.cfg.expert_dtype
+        return self.access.dtype if name == "model" else getattr(torch, name)
+
+    @property
     def bank(self) -> ExpertBank:
         return self.edits.bank
 
@@ -167,7 +173,7 @@ class LEMoE(EditMethod):
 
     def _clear_edits(self) -> None:
         self._state_epoch = getattr(self, "_state_epoch", 0) + 1  # see append_only_state
-        dev, dt = self.access.device, self.access.dtype
+        dev, dt = self.access.device, self.expert_dtype
         self.edits = Edits.empty(self.d_in, self.d_out, self.cfg.expert_width, self.access.hidden_size, dt, dev)
 
     def reset(self) -> None:
@@ -201,7 +207,7 @@ class LEMoE(EditMethod):
             meta,
             dims=dims,
             subject=self.cfg.route_key == "subject",
-            dtype=self.access.dtype,
+            dtype=self.expert_dtype,
             device=self.access.device,
         )
         self._state_epoch += 1
@@ -629,6 +635,10 @@ def _validate(cfg: LEMoEConfig, layer: int, n_layers: int, route_layer: int, nul
         (math.isfinite(cfg.scale), "scale must be finite"),
         (cfg.init_std is None or cfg.init_std > 0, "init_std must be > 0"),
         (cfg.expert_mode in ("new", "shared"), "expert_mode must be new or shared"),
+        (
+            cfg.expert_dtype in ("model", "float32", "bfloat16", "float16"),
+            "expert_dtype must be model, float32, bfloat16 or float16",
+        ),
         (cfg.routing in ("instance", "token"), "routing must be instance or token"),
         (cfg.anchor_keys in ("request", "centroid"), "anchor_keys must be request or centroid"),
         (0.0 <= cfg.null_quantile <= 1.0, "null_quantile must be in [0, 1]"),

@@ -10,7 +10,7 @@ so a copy of the state taken earlier is never altered.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from lemoe.methods.base import StateError
 from lemoe.methods.lemoe import router, segments
 from lemoe.methods.lemoe.calibration import TokenBatch
+from lemoe.methods.lemoe.rows import RowBuffer, append_rows
 
 SLOT_FIELDS = ("slot_key", "slot_offset", "slot_threshold")
 
@@ -30,6 +31,7 @@ class Router:
     slot_offset: torch.Tensor  # [A] its offset from the key's last token
     slot_threshold: torch.Tensor  # [A] the key's threshold
     next_key: int = 0  # the id the next subject key gets
+    buffer: RowBuffer | None = field(default=None, repr=False, compare=False)  # room to append into
 
     @classmethod
     def empty(cls, d: int, device: torch.device) -> Router:
@@ -41,10 +43,13 @@ class Router:
         return int(self.keys.shape[0])
 
     # -- changes ---------------------------------------------------------------------------------
+    def _append(self, new: dict[str, torch.Tensor]) -> None:
+        views, self.buffer = append_rows({k: getattr(self, k) for k in new}, new, self.buffer)
+        for k, v in views.items():
+            setattr(self, k, v)
+
     def add_prompt_keys(self, keys: torch.Tensor, expert: int) -> None:
-        self.keys = torch.cat([self.keys, keys.to(self.keys)])
-        new = torch.full((keys.shape[0],), expert, dtype=torch.long, device=self.key_expert.device)
-        self.key_expert = torch.cat([self.key_expert, new])
+        self._append({"keys": keys, "key_expert": torch.full((keys.shape[0],), expert, dtype=torch.long)})
 
     def add_subject_keys(self, spans: list[torch.Tensor], expert: int, calibration: TokenBatch, margin: float) -> None:
         """Append one key per subject span (all routed to ``expert``), each with the threshold the
@@ -53,12 +58,8 @@ class Router:
         qc, vc = calibration
         cal, _ = router.span_scores(qc, vc, vecs, key, offset)
         threshold = router.span_thresholds(cal, margin)[key - self.next_key]
-        dev = self.keys.device
-        self.keys = torch.cat([self.keys, vecs.to(dev)])
-        self.key_expert = torch.cat([self.key_expert, torch.full_like(key, expert).to(dev)])
-        self.slot_key = torch.cat([self.slot_key, key.to(dev)])
-        self.slot_offset = torch.cat([self.slot_offset, offset.to(dev)])
-        self.slot_threshold = torch.cat([self.slot_threshold, threshold.to(dev)])
+        new = {"keys": vecs, "key_expert": torch.full_like(key, expert), "slot_key": key, "slot_offset": offset}
+        self._append({**new, "slot_threshold": threshold})
         self.next_key += len(spans)
 
     def remove_expert(self, p: int) -> None:
