@@ -411,3 +411,16 @@ def test_experts_stored_in_bfloat16_still_edit_and_round_trip(tokenizer, tmp_pat
     assert torch.equal(_logits(fresh, tokenizer, prompts), after)
     with pytest.raises(ValueError, match="expert_dtype"):
         build_method("lemoe", tiny_model("llama"), tokenizer, {**OPTS, "expert_dtype": "int8"})
+
+
+def test_hnsw_route_index_gives_the_exact_decisions(tokenizer) -> None:
+    pytest.importorskip("faiss")
+    model = tiny_model("llama")
+    method = build_method("lemoe", model, tokenizer, {**OPTS, "route_index": "hnsw", "route_index_min_slots": 1})
+    for edit in EDITS:
+        method.apply([edit])
+    prompts = [r.prompt for r in EDITS] + UNRELATED
+    assert method.route_prompts(prompts).tolist() == [0, 1, 2, NULL, NULL]
+    assert method.router.index is not None and method.router.index.size == method.router.size
+    method.rollback(1)
+    assert method.route_prompts(prompts).tolist() == [0, NULL, 1, NULL, NULL]

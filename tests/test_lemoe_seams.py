@@ -142,3 +142,44 @@ def test_appending_rows_copies_only_the_new_ones_and_never_alters_an_earlier_vie
     assert current["b"].tolist() == list(range(40))
     save_file({k: v.contiguous() for k, v in snapshots[4].items()}, str(tmp_path / "s.safetensors"))
     assert load_file(str(tmp_path / "s.safetensors"))["b"].tolist() == list(range(5))
+
+
+def test_hnsw_candidates_route_exactly_like_scoring_every_key(tokenizer) -> None:
+    pytest.importorskip("faiss")
+    from lemoe.methods.lemoe.segments import token_classes
+
+    d, n_keys = 32, 300
+    g = torch.Generator().manual_seed(5)
+    spans = [
+        F.normalize(torch.randn(int(torch.randint(1, 4, (1,), generator=g)), d, generator=g), dim=-1)
+        for _ in range(n_keys)
+    ]
+    calibration = (F.normalize(torch.randn(20, 8, d, generator=g), dim=-1), torch.ones(20, 8, dtype=torch.bool))
+    exact = Router.empty(d, torch.device("cpu"))
+    for e in range(0, n_keys, 10):  # one expert per 10 keys, appended batch by batch
+        exact.add_subject_keys(spans[e : e + 10], e // 10, calibration, margin=0.3)
+    indexed = Router(*(getattr(exact, f) for f in ("keys", "key_expert", "slot_key", "slot_offset", "slot_threshold")))
+    indexed.next_key, indexed.index_min_slots, indexed.index_neighbours = exact.next_key, 1, 8
+    # texts: some hold a (slightly noisy) subject among random tokens, some only random tokens
+    texts = []
+    for i in range(40):
+        noise = F.normalize(torch.randn(6, d, generator=g), dim=-1)
+        if i % 2 == 0:
+            span = spans[(i * 7) % n_keys]
+            noise[1 : 1 + span.shape[0]] = F.normalize(span + 0.05 * torch.randn(span.shape, generator=g), dim=-1)
+        texts.append(noise)
+    q, valid = torch.stack(texts), torch.ones(40, 6, dtype=torch.bool)
+    want = exact.route_spans(q, valid, null_route=True)
+    assert (want >= 0).sum() >= 18 and (want[1::2] < 0).all()
+    assert torch.equal(indexed.route_spans(q, valid, null_route=True), want)
+    assert indexed.index is not None and indexed.index.size == indexed.size
+    ids = torch.randint(5, 50, (40, 6), generator=g)
+    classes = token_classes(tokenizer, len(tokenizer))
+    kwargs = {"null_route": True, "min_tokens": 1, "positions": "subject"}
+    assert torch.equal(
+        indexed.route_clauses(q, valid, ids, classes, **kwargs), exact.route_clauses(q, valid, ids, classes, **kwargs)
+    )
+    indexed.remove_expert(0)  # a rollback drops the index; the next call rebuilds it
+    exact.remove_expert(0)
+    assert indexed.index is None
+    assert torch.equal(indexed.route_spans(q, valid, null_route=True), exact.route_spans(q, valid, null_route=True))

@@ -182,7 +182,8 @@ def test_open_refuses_another_model_method_or_format(ft_store: Path, tokenizer: 
         EditStore.open(ft_store, loaded=tiny_loaded(tokenizer), expect_method="lemoe")
     spec_path = ft_store / "store.json"
     original = spec_path.read_text()
-    spec_path.write_text(original.replace('"format_version": 1', '"format_version": 99'))
+    assert '"format_version": 2' in original
+    spec_path.write_text(original.replace('"format_version": 2', '"format_version": 99'))
     with pytest.raises(StoreMismatchError, match="format version 99"):
         EditStore.open(ft_store, loaded=tiny_loaded(tokenizer))
     spec_path.write_text(original.replace('"edits_per_step": 2', '"edits_per_step": 3'))

@@ -18,7 +18,8 @@ from typing import Any
 
 from lemoe import fileio
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: incremental checkpoints (state.json over objects/); written by init
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: full checkpoints only; such a store is read and extended as is
 SPEC_FILE = "store.json"
 JOURNAL_FILE = "journal.sqlite"
 CHECKPOINT_DIR = "checkpoints"
@@ -69,9 +70,9 @@ class StoreSpec:
         if not isinstance(data, dict):
             raise StoreCorruptError(f"{where}: expected a JSON object")
         version = data.get("format_version")
-        if version != STORE_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise StoreMismatchError(
-                f"{where}: store format version {version!r}; this lemoe reads version {STORE_FORMAT_VERSION}"
+                f"{where}: store format version {version!r}; this lemoe reads versions {READABLE_FORMAT_VERSIONS}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         missing = {"model", "model_fingerprint", "method", "options"} - set(data)

@@ -175,6 +175,13 @@ class LEMoE(EditMethod):
         self._state_epoch = getattr(self, "_state_epoch", 0) + 1  # see append_only_state
         dev, dt = self.access.device, self.expert_dtype
         self.edits = Edits.empty(self.d_in, self.d_out, self.cfg.expert_width, self.access.hidden_size, dt, dev)
+        self._configure_router()
+
+    def _configure_router(self) -> None:
+        cfg = self.cfg
+        hnsw = cfg.route_index == "hnsw" and cfg.route_key == "subject"
+        self.router.index_min_slots = cfg.route_index_min_slots if hnsw else None
+        self.router.index_neighbours = cfg.route_index_neighbours
 
     def reset(self) -> None:
         self._clear_edits()
@@ -212,6 +219,7 @@ class LEMoE(EditMethod):
         )
         self._state_epoch += 1
         self.edits = edits
+        self._configure_router()
         self.calibration.load(state, self.access.device)
         self.batches_applied = int(meta.get("batches_applied", len(edits)))
 
@@ -655,6 +663,9 @@ def _validate(cfg: LEMoEConfig, layer: int, n_layers: int, route_layer: int, nul
         (0.0 < cfg.stop_accuracy <= 1.0, "stop_accuracy must be in (0, 1]"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (cfg.order in ("cluster", "arrival"), "order must be cluster or arrival"),
+        (cfg.route_index in ("exact", "hnsw"), "route_index must be exact or hnsw"),
+        (cfg.route_index_min_slots >= 1, "route_index_min_slots must be >= 1"),
+        (cfg.route_index_neighbours >= 1, "route_index_neighbours must be >= 1"),
         (
             cfg.calibration_texts is None
             or (

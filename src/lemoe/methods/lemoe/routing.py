@@ -18,6 +18,7 @@ import torch
 from lemoe.methods.base import StateError
 from lemoe.methods.lemoe import router, segments
 from lemoe.methods.lemoe.calibration import TokenBatch
+from lemoe.methods.lemoe.index import SlotIndex
 from lemoe.methods.lemoe.rows import RowBuffer, append_rows
 
 SLOT_FIELDS = ("slot_key", "slot_offset", "slot_threshold")
@@ -32,6 +33,10 @@ class Router:
     slot_threshold: torch.Tensor  # [A] the key's threshold
     next_key: int = 0  # the id the next subject key gets
     buffer: RowBuffer | None = field(default=None, repr=False, compare=False)  # room to append into
+    index_min_slots: int | None = None  # subject keys: candidate keys from an HNSW index over the
+    #   slots once there are this many (None: always score every key)
+    index_neighbours: int = 32
+    index: SlotIndex | None = field(default=None, repr=False, compare=False)  # built lazily
 
     @classmethod
     def empty(cls, d: int, device: torch.device) -> Router:
@@ -64,6 +69,7 @@ class Router:
 
     def remove_expert(self, p: int) -> None:
         """Drop expert ``p``'s keys; later experts move down by one."""
+        self.index = None  # rebuilt on the next routing call
         keep = self.key_expert != p
         self.keys = self.keys[keep]
         if self.slot_key.numel():
@@ -73,6 +79,25 @@ class Router:
         ke = self.key_expert[keep]
         self.key_expert = torch.where(ke > p, ke - 1, ke)
 
+    # -- candidates ------------------------------------------------------------------------------
+    def _slot_index(self) -> SlotIndex | None:
+        """The slot index, brought up to date with appended slots; None below the size limit."""
+        if self.index_min_slots is None or self.size < self.index_min_slots:
+            return None
+        if self.index is None or self.index.size > self.size:
+            self.index = SlotIndex(self.keys.shape[1], self.index_neighbours)
+        self.index.add(self.keys[self.index.size :])
+        return self.index
+
+    def _candidates(self, q: torch.Tensor, valid: torch.Tensor) -> Router:
+        """This table restricted to the keys the index says may pass their threshold for the
+        tokens ``q[valid]`` (all of it when no index applies)."""
+        index = self._slot_index()
+        if index is None:
+            return self
+        sel = index.candidate_slots(q[valid], self.slot_key, self.slot_threshold)
+        return Router(*(t[sel] for t in (self.keys, self.key_expert, *(getattr(self, f) for f in SLOT_FIELDS))))
+
     # -- decisions -------------------------------------------------------------------------------
     def route_queries(self, q: torch.Tensor, threshold: float | None) -> torch.Tensor:
         """Top-1 expert of each query vector ``[..., d]`` (``NULL`` below ``threshold``)."""
@@ -81,9 +106,10 @@ class Router:
 
     def route_spans(self, q: torch.Tensor, valid: torch.Tensor, null_route: bool) -> torch.Tensor:
         """route_key=subject, one decision per sequence: the best-matching key anywhere in it."""
-        scores, keys = router.span_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
-        expert = router.per_key(self.key_expert, self.slot_key, keys)
-        threshold = router.per_key(self.slot_threshold, self.slot_key, keys) if null_route else None
+        table = self._candidates(q, valid) if null_route else self
+        scores, keys = router.span_scores(q, valid, table.keys, table.slot_key, table.slot_offset)
+        expert = router.per_key(table.key_expert, table.slot_key, keys)
+        threshold = router.per_key(table.slot_threshold, table.slot_key, keys) if null_route else None
         return router.route_spans(scores, threshold, expert)
 
     def route_clauses(
@@ -101,6 +127,14 @@ class Router:
 
         With ``positions=subject`` only the matched subject's tokens in the question's clause get
         the expert; with ``run`` every position of the question's clauses does."""
+        if null_route:
+            table = self._candidates(q, valid)
+            if table is not self:
+                if table.size == 0:
+                    return torch.full(ids.shape, router.NULL, dtype=torch.long, device=q.device)
+                return table.route_clauses(
+                    q, valid, ids, classes, null_route=True, min_tokens=min_tokens, positions=positions
+                )
         seg, content = segments.clause_segments(ids, valid, classes)
         n_seg = int(seg.max()) + 1 if seg.numel() else 1
         scores, keys = router.span_window_scores(q, valid, self.keys, self.slot_key, self.slot_offset)
