@@ -52,7 +52,7 @@ def main() -> None:
     unrelated = [r.prompt for r in val] + [r.paraphrases[0] for r in val if r.paraphrases]
     unrelated += [r.locality[0].prompt for r in val if r.locality]
     options = {"route_index_neighbours": args.neighbours, "route_index_min_slots": 1}
-    exact = build_method("lemoe", model, tokenizer, {})
+    exact = build_method("lemoe", model, tokenizer, {"route_index": "exact"})
     indexed = build_method("lemoe", model, tokenizer, {**options, "route_index": "hnsw"})
     exact._ensure_calibrated()
     rows, done = [], 0

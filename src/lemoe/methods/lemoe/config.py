@@ -53,9 +53,10 @@ class LEMoEConfig(MethodConfig):
     #   nearest scores ...
     null_margin: float | None = None  # ... plus this margin (cosine units). None: 0.3 for
     #   route_key=subject (added to each key's own calibrated threshold), 0.0 for route_key=prompt
-    route_index: Literal["exact", "hnsw"] = "exact"  # route_key=subject: exact scores every key;
-    #   hnsw scores only the keys a faiss HNSW index over the key slots finds near some prompt token
-    #   (needs the `index` extra), once there are route_index_min_slots slots (benchmarks/lemoe_index.py)
+    route_index: Literal["auto", "exact", "hnsw"] = "auto"  # route_key=subject: exact scores every
+    #   key; hnsw scores only the keys a faiss HNSW index over the key slots finds near some prompt
+    #   token, once there are route_index_min_slots slots (needs the `index` extra; measured in
+    #   docs/results/lemoe.md); auto: hnsw when faiss is installed, else exact
     route_index_min_slots: int = 20000
     route_index_neighbours: int = 32  # neighbours retrieved per prompt token
     calibration_texts: list[str] | None = None  # unrelated text for calibration (None: built-in

@@ -31,6 +31,7 @@ along their seams: :class:`~.state.Edits` (experts, keys, which batch each exper
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -179,7 +180,9 @@ class LEMoE(EditMethod):
 
     def _configure_router(self) -> None:
         cfg = self.cfg
-        hnsw = cfg.route_index == "hnsw" and cfg.route_key == "subject"
+        hnsw = cfg.route_key == "subject" and (
+            cfg.route_index == "hnsw" or (cfg.route_index == "auto" and importlib.util.find_spec("faiss") is not None)
+        )
         self.router.index_min_slots = cfg.route_index_min_slots if hnsw else None
         self.router.index_neighbours = cfg.route_index_neighbours
 
@@ -663,7 +666,7 @@ def _validate(cfg: LEMoEConfig, layer: int, n_layers: int, route_layer: int, nul
         (0.0 < cfg.stop_accuracy <= 1.0, "stop_accuracy must be in (0, 1]"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (cfg.order in ("cluster", "arrival"), "order must be cluster or arrival"),
-        (cfg.route_index in ("exact", "hnsw"), "route_index must be exact or hnsw"),
+        (cfg.route_index in ("auto", "exact", "hnsw"), "route_index must be auto, exact or hnsw"),
         (cfg.route_index_min_slots >= 1, "route_index_min_slots must be >= 1"),
         (cfg.route_index_neighbours >= 1, "route_index_neighbours must be >= 1"),
         (

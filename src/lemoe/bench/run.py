@@ -1,0 +1,121 @@
+"""Running a benchmark matrix cell by cell, resumably.
+
+Layout of the output folder (everything under it is written by lemoe; nothing else is touched)::
+
+    OUT/cells/<cell>.json        the cell's results record (``lemoe run --out``)
+    OUT/checkpoints/<cell>/      its run checkpoint while it is unfinished (``lemoe run --checkpoint``)
+    OUT/results.json             the aggregate (:mod:`lemoe.bench.aggregate`)
+    OUT/samples.jsonl            per-probe samples of every cell
+
+A cell whose record is complete and was made by the same command is skipped; an interrupted cell
+(a partial record or a checkpoint) is resumed from its checkpoint; a complete record made by a
+*different* command (the file was edited) is refused before anything runs, never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lemoe.bench.config import Bench, BenchConfigError, Cell
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    cell: Cell
+    record: Path
+    checkpoint: Path
+    state: str  # todo | resume | done
+
+    @property
+    def command(self) -> str:
+        return self.cell.command(self.record, self.checkpoint)
+
+
+def _record_state(record: Path, checkpoint: Path, command: str) -> str:
+    from lemoe.runner import ResultsFormatError, read_results
+
+    if record.is_file():
+        try:
+            data = read_results(record)
+        except ResultsFormatError:
+            data = None
+        if data is not None and data.get("status") != "running":
+            if data.get("command") != command:
+                raise BenchConfigError(
+                    f"{record} holds a finished run of another command ({data.get('command')!r}); "
+                    "move it away or change the cell's label to run this one"
+                )
+            return "done"
+        return "resume"
+    return "resume" if checkpoint.is_dir() and any(checkpoint.iterdir()) else "todo"
+
+
+def plan(bench: Bench, only: list[str] | None = None) -> list[CellPlan]:
+    """The cells to consider (filtered by ``only`` glob patterns on cell ids) and their state."""
+    cells = [c for c in bench.cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
+    if only and not cells:
+        raise BenchConfigError(f"--only {only} matches none of the {len(bench.cells)} cells")
+    out = []
+    for cell in cells:
+        record = bench.out / "cells" / f"{cell.cell_id}.json"
+        checkpoint = bench.out / "checkpoints" / cell.cell_id
+        state = _record_state(record, checkpoint, cell.command(record, checkpoint))
+        out.append(CellPlan(cell, record, checkpoint, state))
+    return out
+
+
+def run_cell(p: CellPlan) -> int:
+    """Run one cell in this process, exactly as its ``lemoe run`` command would."""
+    from lemoe.cli.run import _add_run_args, cmd_run
+
+    parser = argparse.ArgumentParser(prog="lemoe run")
+    _add_run_args(parser)
+    argv = p.cell.run_args(p.record, p.checkpoint)
+    args = parser.parse_args(argv[1:])
+    args.command_line = "lemoe " + shlex.join(argv)
+    p.record.parent.mkdir(parents=True, exist_ok=True)
+    p.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    status = cmd_run(args)
+    if status == 0 and p.checkpoint.is_dir() and not any(p.checkpoint.iterdir()):
+        p.checkpoint.rmdir()  # the run removed its own files; the folder is the bench's
+    return status
+
+
+def run_bench(
+    bench: Bench,
+    only: list[str] | None = None,
+    *,
+    progress: bool = True,
+    execute: Callable[[CellPlan], int] = run_cell,
+) -> dict[str, Any]:
+    """Run every cell not yet done (in file order), then write the aggregate. Returns a summary."""
+    from tqdm.auto import tqdm
+
+    from lemoe.bench.aggregate import write_aggregate
+
+    plans = plan(bench, only)
+    todo = [p for p in plans if p.state != "done"]
+    failed: dict[str, str] = {}
+    bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc="bench", unit="cell", disable=not progress)
+    for p in todo:
+        bar.set_postfix_str(p.cell.cell_id)
+        try:
+            status = execute(p)
+        except Exception as e:  # one broken cell does not stop the matrix; its checkpoint stays
+            status, reason = 1, f"{type(e).__name__}: {e}"
+        else:
+            reason = f"exit status {status}"
+        if status != 0:
+            failed[p.cell.cell_id] = reason
+        bar.update(1)
+    bar.close()
+    all_cells = plan(bench)  # the aggregate covers every finished cell of the file
+    done = [p for p in all_cells if p.state == "done"]
+    paths = write_aggregate(bench, done)
+    return {"cells": len(plans), "ran": len(todo) - len(failed), "failed": failed, **paths}

@@ -1,0 +1,144 @@
+"""``lemoe bench``: the matrix file is checked before anything runs; cells run, skip and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lemoe.bench import BenchConfigError, load_bench
+from lemoe.bench.aggregate import bootstrap_stderr, cell_results
+from lemoe.bench.run import plan, run_bench, run_cell
+from lemoe.cli import main
+from lemoe.testing import tiny_model
+
+MATRIX = """
+model = "{model}"
+out = "out"
+[[method]]
+name = "ft-m"
+options = {{ steps = 2 }}
+[[method]]
+name = "lemoe"
+options = {{ steps = 3, train_chat = false, layer = 1 }}
+[[data]]
+spec = "zsre:sample"
+edits = [4]
+[[protocol]]
+edits_per_step = 2
+eval = "final"
+"""
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path, tokenizer) -> Path:
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bench.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('name = "ft-m"', 'name = "ft-x"'), r"\[\[method\]\] #1: unknown method 'ft-x'"),
+        (("steps = 2", "stpes = 2"), r"\[\[method\]\] #1.options: .*unknown option\(s\) \['stpes'\]"),
+        (('spec = "zsre:sample"', 'spec = "wiki:sample"'), r"\[\[data\]\] #1.spec: unknown data kind 'wiki'"),
+        (('spec = "zsre:sample"', 'spec = "zsre:missing.json"'), r"\[\[data\]\] #1.spec: no data file .*missing.json"),
+        (('eval = "final"', 'eval = "every:0"'), r"\[\[protocol\]\] #1: evaluate must be"),
+        (("edits = [4]", "edits = [0]"), r"\[\[data\]\] #1.edits: expected a positive integer"),
+        (('out = "out"', 'out = "out"\nbogus = 1'), r"unknown key\(s\) \['bogus'\]"),
+        (("[[protocol]]", "[[protocol]"), r"not valid TOML: .*line"),
+        (
+            ("[[protocol]]", '[[data]]\nspec = "zsre:sample"\nedits = [4]\n[[protocol]]'),
+            r"two cells would write ft-m\.zsre-sample\.n4\.b2\.final\.s0\.json",
+        ),
+    ],
+)
+def test_a_bad_file_is_refused_with_its_place_before_anything_runs(tmp_path: Path, change, message) -> None:
+    path = write(tmp_path, MATRIX.format(model="m").replace(*change))
+    with pytest.raises(BenchConfigError, match=message):
+        load_bench(path)
+    assert main(["bench", str(path), "--dry-run"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_cells_and_their_commands(tmp_path: Path, capsys) -> None:
+    bench = load_bench(write(tmp_path, MATRIX.format(model="m").replace("edits = [4]", "edits = [4, 6]")))
+    ids = [c.cell_id for c in bench.cells]
+    assert ids == [
+        "ft-m.zsre-sample.n4.b2.final.s0",
+        "ft-m.zsre-sample.n6.b2.final.s0",
+        "lemoe.zsre-sample.n4.b2.final.s0",
+        "lemoe.zsre-sample.n6.b2.final.s0",
+    ]
+    assert bench.out == tmp_path / "out"  # relative to the file, not the working directory
+    p = plan(bench, ["lemoe.*n6*"])
+    assert [x.cell.cell_id for x in p] == ["lemoe.zsre-sample.n6.b2.final.s0"] and p[0].state == "todo"
+    assert "--opt steps=3 --opt train_chat=false --opt layer=1" in p[0].command
+    with pytest.raises(BenchConfigError, match="matches none"):
+        plan(bench, ["nothing*"])
+    assert main(["bench", str(bench.path), "--dry-run"]) == 0
+    assert "4 cells: 4 to run, 0 to resume, 0 done" in capsys.readouterr().out
+
+
+def test_bootstrap_stderr_is_seeded_and_sensible() -> None:
+    values = [float(i % 2) for i in range(100)]
+    se = bootstrap_stderr(values)
+    assert se == bootstrap_stderr(values) and 0.03 < se < 0.07  # analytic: 0.5 / sqrt(100) = 0.05
+    assert bootstrap_stderr([1.0]) is None
+    record = {
+        "aggregate": {"reliability.token_acc": 0.5},
+        "per_request": [{"reliability.token_acc": v} for v in values],
+    }
+    assert cell_results(record) == {"reliability,token_acc": 0.5, "reliability_stderr,token_acc": se}
+
+
+def test_a_matrix_runs_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path, tiny_dir: Path) -> None:
+    bench = load_bench(write(tmp_path, MATRIX.format(model=tiny_dir)))
+    summary = run_bench(bench, progress=False)
+    assert summary["failed"] == {} and summary["ran"] == 2
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    cells = results["cells"]
+    assert sorted(cells) == ["ft-m.zsre-sample.n4.b2.final.s0", "lemoe.zsre-sample.n4.b2.final.s0"]
+    for cell_id, cell in cells.items():
+        record = json.loads((tmp_path / "out" / "cells" / f"{cell_id}.json").read_text())
+        assert cell["command"] == record["command"] == plan(bench, [cell_id])[0].command
+        assert cell["results"]["reliability,token_acc"] == record["aggregate"]["reliability.token_acc"]
+        assert "reliability_stderr,token_acc" in cell["results"] and cell["n_edits"] == 4
+        assert cell["config"]["method"] in ("ft-m", "lemoe") and cell["cost"]["seconds_per_edit"] > 0
+    assert not (tmp_path / "out" / "checkpoints" / "ft-m.zsre-sample.n4.b2.final.s0").exists()
+
+    ran: list[str] = []
+
+    def spy(p) -> int:
+        ran.append(p.cell.cell_id)
+        return run_cell(p)
+
+    assert run_bench(bench, progress=False, execute=spy)["ran"] == 0 and ran == []  # all done: skipped
+    lemoe_record = tmp_path / "out" / "cells" / "lemoe.zsre-sample.n4.b2.final.s0.json"
+    finished = lemoe_record.read_text()
+    lemoe_record.write_text(json.dumps({"format_version": 1, "status": "running", "steps": [], "timeline": []}))
+    assert [p.state for p in plan(bench)] == ["done", "resume"]
+    run_bench(bench, progress=False, execute=spy)
+    assert ran == ["lemoe.zsre-sample.n4.b2.final.s0"]
+    assert json.loads(lemoe_record.read_text())["aggregate"] == json.loads(finished)["aggregate"]
+
+
+def test_a_finished_record_of_another_command_is_never_overwritten(tmp_path: Path, tiny_dir: Path) -> None:
+    path = write(tmp_path, MATRIX.format(model=tiny_dir))
+    bench = load_bench(path)
+    run_bench(bench, ["ft-m*"], progress=False)
+    record = tmp_path / "out" / "cells" / "ft-m.zsre-sample.n4.b2.final.s0.json"
+    before = record.read_text()
+    path.write_text(MATRIX.format(model=tiny_dir).replace("steps = 2", "steps = 1"))
+    with pytest.raises(BenchConfigError, match="finished run of another command"):
+        plan(load_bench(path))
+    assert record.read_text() == before
