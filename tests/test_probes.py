@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
@@ -83,6 +84,44 @@ class Forced:
             yield
         finally:
             handle.remove()
+
+
+def _sample_means(samples: Sequence[dict], request_id: str) -> dict[str, float]:
+    """A request's '<probe>.<scorer>' keys recomputed as the means of its samples' scores."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for sample in samples:
+        if sample["request_id"] == request_id:
+            for scorer, x in sample["scores"].items():
+                values[f"{sample['probe']}.{scorer}"].append(x)
+    return {k: sum(xs) / len(xs) for k, xs in values.items()}
+
+
+GENERATING = {"chat_reliability", "chat_generality", "fluency"}  # with exact_match, also these:
+EXACT_MATCH_GENERATING = {"reliability", "generality", "locality", "portability", "same_subject"}
+
+
+def _assert_samples_are_the_scored(res, reqs: Sequence[EditRequest], *, exact_match: bool) -> None:
+    """Every per-request number is the mean of that request's samples; the fields are as promised."""
+    ids = [r.request_id for r in reqs]
+    assert [ids.index(s["request_id"]) for s in res.samples] == sorted(ids.index(s["request_id"]) for s in res.samples)
+    for r, scores in zip(reqs, res.per_request, strict=True):
+        assert _sample_means(res.samples, r.request_id) == scores  # exactly: the very values averaged
+    generating = GENERATING | (EXACT_MATCH_GENERATING if exact_match else set())
+    outputs: list[dict[str, list[str]]] = [defaultdict(list) for _ in reqs]
+    for s in res.samples:
+        assert set(s) == {"request_id", "probe", "chat", "prompt", "answer", "reference", "generated", "scores"}
+        assert s["chat"] == s["probe"].startswith("chat_")
+        assert (s["generated"] is not None) == (s["probe"] in generating), s
+        assert (s["answer"] is None) == (s["probe"] == "fluency")
+        assert all(isinstance(x, float) for x in s["scores"].values()) and s["scores"]
+        if "generation_agreement" in s["scores"]:  # the text compared is kept, and it is the one compared
+            assert s["scores"]["generation_agreement"] == float(scorers.natural_stop(s["generated"]) == s["reference"])
+        else:
+            assert s["reference"] is None
+        if s["probe"] in {"chat_reliability", "chat_generality", "fluency"}:
+            outputs[ids.index(s["request_id"])][s["probe"]].append(s["generated"])
+    assert [dict(o) for o in outputs] == res.outputs  # the generated texts are the kept outputs
+    json.dumps(res.samples, allow_nan=False)
 
 
 # -- requests, templates, loaders --------------------------------------------------------------------
@@ -231,6 +270,34 @@ def test_all_probe_kinds_have_their_keys_and_agree_with_the_reference(tokenizer)
         ["chat_reliability"],
     ]
     assert len(res.outputs[0]["chat_generality"]) == 1 and len(res.outputs[1]["chat_reliability"]) == 1
+    _assert_samples_are_the_scored(res, reqs, exact_match=True)
+    first = [(s["probe"], s["prompt"], s["answer"]) for s in res.samples if s["request_id"] == reqs[0].request_id]
+    assert first == [  # request 0's probes, in the order they were built
+        ("reliability", "The capital of France is", "Rome"),
+        ("generality", "France's capital city is", "Rome"),
+        ("locality", "The sky is", "blue"),
+        ("locality_plus", statement(reqs[0]) + "The sky is", "blue"),
+        ("locality_plus_other", statement(reqs[1]) + "The sky is", "blue"),
+        ("same_subject", "France is located in", ref.continuation["France is located in"].strip()),
+        ("same_subject", "The mother tongue of France is", ref.continuation["The mother tongue of France is"].strip()),
+        ("chat_reliability", "The capital of France is", "Rome"),  # the user message, not the template
+        ("chat_generality", "France's capital city is", "Rome"),
+        ("fluency", "France", None),
+    ]
+    loc = next(s for s in res.samples if s["probe"] == "locality")
+    assert loc["reference"] == ref.generation[("The sky is", "blue")]
+    assert set(loc["scores"]) == {"token_acc", "agreement", "generation_agreement"}
+    assert {s["probe"]: set(s["scores"]) for s in res.samples if s["request_id"] == reqs[0].request_id} == {
+        "reliability": {"token_acc", "exact_match"},
+        "generality": {"token_acc", "exact_match"},
+        "locality": {"token_acc", "agreement", "generation_agreement"},
+        "locality_plus": {"token_acc", "agreement"},
+        "locality_plus_other": {"token_acc", "agreement"},
+        "same_subject": {"agreement", "generation_agreement"},
+        "chat_reliability": {"contains", "exact_match"},
+        "chat_generality": {"contains", "exact_match"},
+        "fluency": {"ngram_entropy"},
+    }
     # a later evaluation of one request of the stream builds the same texts (partner fixed in ref)
     alone = ev.evaluate(reqs[2:], ref)
     assert alone.aggregate["locality_plus_other.agreement"] == 1.0
@@ -271,6 +338,23 @@ def test_agreement_drops_to_zero_when_every_argmax_moves(tokenizer) -> None:
         assert res.aggregate[key] == 0.0, key
     assert res.aggregate["control.ppl"] > 1e3 * ev.evaluate(reqs, ref).aggregate["control.ppl"]
     assert res.aggregate["fluency.ngram_entropy"] == 0.0  # one token repeated
+    _assert_samples_are_the_scored(res, reqs, exact_match=True)  # scores of 0 are the samples' too
+    assert all(s["scores"]["agreement"] == 0.0 for s in res.samples if "agreement" in s["scores"])
+
+
+def test_samples_without_exact_match_or_reference(tokenizer) -> None:
+    model = tiny_model("llama")
+    reqs = _requests()
+    ev = Evaluator(model, tokenizer, exact_match=False, perplexity=True)
+    res = ev.evaluate(reqs, None)  # no reference: no agreement, no same_subject, no locality_plus_other
+    _assert_samples_are_the_scored(res, reqs, exact_match=False)
+    assert {s["probe"] for s in res.samples} == {
+        "reliability", "generality", "locality", "locality_plus", "chat_reliability", "chat_generality", "fluency",
+    }  # fmt: skip
+    rel = next(s for s in res.samples if s["probe"] == "reliability")
+    assert set(rel["scores"]) == {"token_acc", "ppl"} and rel["generated"] is None
+    assert all("agreement" not in s["scores"] for s in res.samples)
+    assert ev.evaluate([], None).samples == []
 
 
 def test_chat_reply_forced_to_the_target_matches(tokenizer) -> None:
@@ -440,6 +524,14 @@ def test_run_record_carries_the_new_keys_outputs_and_globals(tokenizer) -> None:
     assert agg["control.ppl"] == record["timeline"][-1]["aggregate"]["control.ppl"]  # one chunk
     assert list(record["outputs"]) == [r.request_id for r in reqs[:4]]
     assert all({"chat_reliability", "chat_generality", "fluency"} <= set(o) for o in record["outputs"].values())
+    ids = [s["request_id"] for s in record["samples"]]
+    assert list(dict.fromkeys(ids)) == record["request_order"] and ids == sorted(ids, key=ids.index)
+    for row in record["per_request"]:
+        assert {"request_id": row["request_id"], **_sample_means(record["samples"], row["request_id"])} == row
+    chat = [s for s in record["samples"] if s["chat"]]
+    assert chat and [s["generated"] for s in chat if s["probe"] == "chat_reliability"] == [
+        o["chat_reliability"][0] for o in record["outputs"].values()
+    ]
     assert record["skipped_probes"] == {"locality_plus_other": 0, "same_subject": 0}
     assert {"contains", "ngram_entropy"} <= set(record["scorers"])
     table = format_table(record)
@@ -469,6 +561,12 @@ def test_outputs_and_globals_survive_a_checkpoint_resume(tokenizer, tmp_path) ->
     resumed = run_protocol(method, reqs, protocol, ev, progress=False, checkpoint=ckpt)
     assert resumed["resumed_from"] == {"chunk": 1, "step": 1}  # chunk 0's final evaluation came from the log
     assert resumed["outputs"] == uncut["outputs"] and len(resumed["outputs"]) == 4
+    assert resumed["samples"] == uncut["samples"]  # chunk 0's from the checkpoint log, chunk 1's evaluated
+    assert {s["request_id"] for s in resumed["samples"]} == set(resumed["request_order"])
+    saved = json.loads((tmp_path / "ck" / "progress.json").read_text())["log"]["final_samples"]
+    assert sorted(saved) == sorted(resumed["request_order"])  # the finished run's log holds all four
+    for row in resumed["per_request"]:
+        assert {"request_id": row["request_id"], **_sample_means(resumed["samples"], row["request_id"])} == row
     assert resumed["aggregate"]["control.ppl"] == pytest.approx(uncut["aggregate"]["control.ppl"], rel=1e-6)
     assert resumed["pre_edit"]["control.ppl"] == uncut["pre_edit"]["control.ppl"]
     ckpt.clear()

@@ -84,6 +84,11 @@ def test_cut_run_resumes_and_matches_an_uncut_run(tokenizer, sample_requests, tm
         for k in a:
             if k != "request_id":
                 assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    # the final evaluation's samples, per probe: chunk 0's from the checkpoint log when chunked
+    assert len(resumed["samples"]) == len(uncut["samples"]) > len(sample_requests[:12])
+    for a, b in zip(resumed["samples"], uncut["samples"], strict=True):
+        assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-6)
     ckpt.clear()
     assert not (tmp_path / "ckpt").exists()
 

@@ -28,6 +28,10 @@ Probe kinds beyond those, chosen with ``Evaluator(probes=...)`` (all on by defau
   measure), and ``control.ppl``, the perplexity of a fixed packaged text, a global number (in
   :attr:`EvalResult.globals` and ``aggregate``, not per request).
 
+Every scored probe is also kept as a sample (:attr:`EvalResult.samples`, see :data:`SAMPLE_FIELDS`):
+what was asked, what was scored against, what the model generated, and its scores, the very values
+the per-request means are taken over (nothing is recomputed for them).
+
 Every agreement score, and the ``same_subject`` answers, need a :class:`Reference` taken from the
 unedited model before the first edit. A probe kind whose fields no request has is absent (said once
 per evaluator in the log); a probe that does not fit its record is skipped and counted in
@@ -63,6 +67,21 @@ _NO_TOKEN_ACC = frozenset({"same_subject"})
 _GENERATED = _BASE | {"same_subject"}  # scored by the exact-match generation pass
 
 
+SAMPLE_FIELDS = {
+    "request_id": "the request the probe belongs to",
+    "probe": "the probe kind, the metric of its keys (reliability, generality, locality, locality_plus, ...)",
+    "chat": "true when the prompt was sent as a user turn of the chat template (prompt is that message)",
+    "prompt": "the prompt text (for locality_plus kinds, with the statement that precedes it)",
+    "answer": "the teacher-forced / matched answer: the target, the dataset answer, or for same_subject the "
+    "unedited model's continuation; null for fluency (free text, no answer)",
+    "reference": "the unedited model's greedy continuation that generation_agreement compared with, else null "
+    "(agreement compares token ids only)",
+    "generated": "the decoded greedy generation of this probe when it had one (the exact-match, chat or fluency "
+    "pass; before any natural stop), else null",
+    "scores": "scorer -> value; the per-request '<probe>.<scorer>' numbers are means of these",
+}
+
+
 @dataclass
 class Reference:
     """What the unedited model said, taken before the first edit.
@@ -90,6 +109,8 @@ class EvalResult:
     globals: dict[str, float] = field(default_factory=dict)
     # probe kind -> probes left out because they did not fit their record
     skipped: dict[str, int] = field(default_factory=dict)
+    # one dict per scored probe (keys: SAMPLE_FIELDS), in request order, then probe order
+    samples: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,27 @@ class _Probe:
     prompt: str
     answer: str
     prompt_ids: tuple[int, ...] | None = None  # already tokenised (a chat template's output)
+
+
+@dataclass
+class _Scored:
+    """What scoring one probe produced: its scores, and the texts they were computed from."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    generated: str | None = None  # the decoded greedy generation, when the probe had one
+    reference: str | None = None  # the unedited continuation generation_agreement compared with
+
+    def sample(self, request_id: str, probe: _Probe) -> dict[str, object]:
+        return {
+            "request_id": request_id,
+            "probe": probe.metric,
+            "chat": probe.prompt_ids is not None,
+            "prompt": probe.prompt,
+            "answer": probe.answer or None,
+            "reference": self.reference,
+            "generated": self.generated,
+            "scores": dict(self.scores),
+        }
 
 
 # -- probe building: one small pure function per kind ----------------------------------------------
@@ -352,7 +394,7 @@ class Evaluator:
         fluency = _fluency_probes(requests) if "fluency" in self.probes else []
 
         probes = forced + chat + fluency
-        values: list[dict[str, float]] = [{} for _ in probes]
+        values = [_Scored() for _ in probes]
         outputs: list[dict[str, list[str]]] = [defaultdict(list) for _ in requests]
         n_forced, n_chat = len(forced), len(chat)
         self._score_forced(forced, values[:n_forced], reference, context)
@@ -365,12 +407,14 @@ class Evaluator:
         result.globals = globals_
         result.aggregate.update(globals_)
         result.skipped = skipped
+        by_request = sorted(range(len(probes)), key=lambda j: probes[j].request)  # stable: probe order kept
+        result.samples = [values[j].sample(requests[probes[j].request].request_id, probes[j]) for j in by_request]
         return result
 
     def _score_forced(
         self,
         probes: Sequence[_Probe],
-        values: Sequence[dict[str, float]],
+        values: Sequence[_Scored],
         reference: Reference | None,
         context: ForwardContext,
     ) -> None:
@@ -382,7 +426,8 @@ class Evaluator:
         argmax, logprob = scorers.teacher_forced_predictions(
             self.model, self.tokenizer, pairs, batch_size=self.batch_size, context=context
         )
-        for p, v, pair, a, lp in zip(probes, values, pairs, argmax, logprob, strict=True):
+        for p, s, pair, a, lp in zip(probes, values, pairs, argmax, logprob, strict=True):
+            v = s.scores
             if p.metric not in _NO_TOKEN_ACC:
                 v["token_acc"] = scorers.token_accuracy([a], [pair])[0]
             if self.perplexity and p.metric in _BASE:
@@ -402,22 +447,23 @@ class Evaluator:
             self._newline_ids(),
         )
         for j, g in zip(rows, gens, strict=True):
-            p, v = probes[j], values[j]
+            p, s = probes[j], values[j]
+            s.generated = g
             if p.metric == "locality":
                 if reference is not None and (p.prompt, p.answer) in reference.generation:
-                    v["generation_agreement"] = float(
-                        scorers.natural_stop(g) == reference.generation[(p.prompt, p.answer)]
-                    )
+                    s.reference = reference.generation[(p.prompt, p.answer)]
+                    s.scores["generation_agreement"] = float(scorers.natural_stop(g) == s.reference)
             elif p.metric == "same_subject":
                 assert reference is not None  # same_subject probes exist only with a reference
-                v["generation_agreement"] = float(scorers.natural_stop(g) == reference.continuation[p.prompt])
+                s.reference = reference.continuation[p.prompt]
+                s.scores["generation_agreement"] = float(scorers.natural_stop(g) == s.reference)
             else:
-                v["exact_match"] = scorers.exact_match([g], [p.answer])[0]
+                s.scores["exact_match"] = scorers.exact_match([g], [p.answer])[0]
 
     def _score_chat(
         self,
         probes: Sequence[_Probe],
-        values: Sequence[dict[str, float]],
+        values: Sequence[_Scored],
         outputs: Sequence[dict[str, list[str]]],
         context: ForwardContext,
     ) -> None:
@@ -426,15 +472,16 @@ class Evaluator:
             return
         prompts = [p.prompt_ids or () for p in probes]
         texts = self._generate_ids(prompts, [self.chat_max_new_tokens] * len(prompts), context, self._chat_stop_ids())
-        for p, v, text in zip(probes, values, texts, strict=True):
-            v["contains"] = scorers.contains([text], [p.answer])[0]
-            v["exact_match"] = scorers.exact_match([text.strip()], [p.answer])[0]
+        for p, s, text in zip(probes, values, texts, strict=True):
+            s.generated = text
+            s.scores["contains"] = scorers.contains([text], [p.answer])[0]
+            s.scores["exact_match"] = scorers.exact_match([text.strip()], [p.answer])[0]
             outputs[p.request][p.metric].append(text)
 
     def _score_fluency(
         self,
         probes: Sequence[_Probe],
-        values: Sequence[dict[str, float]],
+        values: Sequence[_Scored],
         outputs: Sequence[dict[str, list[str]]],
         context: ForwardContext,
     ) -> None:
@@ -443,8 +490,9 @@ class Evaluator:
             return
         prompts = self._prompt_ids([p.prompt for p in probes])
         texts = self._generate_ids(prompts, [FLUENCY_NEW_TOKENS] * len(prompts), context, None)
-        for p, v, text in zip(probes, values, texts, strict=True):
-            v["ngram_entropy"] = scorers.ngram_entropy(text)
+        for p, s, text in zip(probes, values, texts, strict=True):
+            s.generated = text
+            s.scores["ngram_entropy"] = scorers.ngram_entropy(text)
             outputs[p.request][p.metric].append(text)
 
     def control_perplexity(self, context: ForwardContext = no_context) -> float:
@@ -460,12 +508,12 @@ class Evaluator:
         )
 
     @staticmethod
-    def _aggregate(n: int, probes: Sequence[_Probe], values: Sequence[dict[str, float]]) -> EvalResult:
+    def _aggregate(n: int, probes: Sequence[_Probe], values: Sequence[_Scored]) -> EvalResult:
         # First average a request's probes of one metric, then average requests, so a request with
         # three paraphrases weighs as much as one with a single paraphrase.
         sums: list[dict[str, list[float]]] = [defaultdict(list) for _ in range(n)]
         for p, v in zip(probes, values, strict=True):
-            for scorer, x in v.items():
+            for scorer, x in v.scores.items():
                 sums[p.request][f"{p.metric}.{scorer}"].append(x)
         per_request = [{k: sum(xs) / len(xs) for k, xs in s.items()} for s in sums]
         totals: dict[str, list[float]] = defaultdict(list)

@@ -4,8 +4,10 @@ The runner caches the unedited model's locality answers before the first edit, o
 the unedited model on the edit set (the "pre" row), applies the edit stream step by step, evaluates
 on the protocol's schedule, and for chunked protocols resets the method in memory between chunks
 (no reload from disk). The record holds everything needed to trust and reproduce a number, and
-the final evaluations' generated texts (``outputs``), global numbers (``control.ppl``, averaged
-over the final evaluations in ``aggregate``) and skipped-probe counts (``skipped_probes``).
+the final evaluations' generated texts (``outputs``), every probe they scored (``samples``: prompt,
+scored answer, generated text, scores; see :data:`lemoe.evaluation.evaluator.SAMPLE_FIELDS`), global
+numbers (``control.ppl``, averaged over the final evaluations in ``aggregate``) and skipped-probe
+counts (``skipped_probes``).
 """
 
 from __future__ import annotations
@@ -131,9 +133,11 @@ def run_protocol(
 
     log = saved["log"] if saved is not None else {}
     final_scores: dict[str, dict[str, float]] = log.get("final_scores", {})
-    # what the final evaluations said beyond per-request scores: generated texts, global numbers
-    # (control.ppl) and counts of skipped probes; saved with the scores so a resumed run keeps them
+    # what the final evaluations said beyond per-request scores: generated texts, per-probe samples,
+    # global numbers (control.ppl) and counts of skipped probes; saved with the scores so a resumed
+    # run keeps them
     final_outputs: dict[str, dict[str, list[str]]] = log.get("final_outputs", {})
+    final_samples: dict[str, list[dict[str, Any]]] = log.get("final_samples", {})
     final_globals: list[dict[str, float]] = log.get("final_globals", [])
     final_skipped: dict[str, int] = log.get("final_skipped", {})
     timeline: list[dict[str, Any]] = log.get("timeline", [])
@@ -150,6 +154,7 @@ def run_protocol(
             "pre_edit": pre_aggregate,
             "final_scores": final_scores,
             "final_outputs": final_outputs,
+            "final_samples": final_samples,
             "final_globals": final_globals,
             "final_skipped": final_skipped,
             "timeline": timeline,
@@ -165,6 +170,9 @@ def run_protocol(
             final_scores[r.request_id] = res.per_request[i]
             if res.outputs and res.outputs[i]:
                 final_outputs[r.request_id] = res.outputs[i]
+            final_samples[r.request_id] = []
+        for sample in res.samples:
+            final_samples[str(sample["request_id"])].append(sample)
         final_globals.append(res.globals)
         for kind, n in res.skipped.items():
             final_skipped[kind] = final_skipped.get(kind, 0) + n
@@ -257,6 +265,7 @@ def run_protocol(
         "per_request": per_request,
         "request_order": [r.request_id for r in ordered],
         "outputs": {r.request_id: final_outputs[r.request_id] for r in ordered if r.request_id in final_outputs},
+        "samples": [sample for r in ordered for sample in final_samples.get(r.request_id, [])],
         "skipped_probes": final_skipped,
         "cost": {
             "edit_seconds": edit_seconds,
