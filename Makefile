@@ -11,6 +11,7 @@ demo: setup
 	$(VENV)/bin/lemoe demo
 
 test: setup
+	./scripts/setup_browser.sh
 	$(PY) -m pytest -q
 
 test-fast: setup

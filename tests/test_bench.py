@@ -115,6 +115,10 @@ def test_a_matrix_runs_skips_finished_cells_and_resumes_interrupted_ones(tmp_pat
         assert "reliability_stderr,token_acc" in cell["results"] and cell["n_edits"] == 4
         assert cell["config"]["method"] in ("ft-m", "lemoe") and cell["cost"]["seconds_per_edit"] > 0
     assert not (tmp_path / "out" / "checkpoints" / "ft-m.zsre-sample.n4.b2.final.s0").exists()
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert {s["cell"] for s in samples} == set(cells)
+    assert {s["probe"] for s in samples} >= {"reliability", "generality", "locality"}
+    assert all(s["prompt"] and isinstance(s["scores"], dict) for s in samples)
 
     ran: list[str] = []
 
@@ -142,3 +146,71 @@ def test_a_finished_record_of_another_command_is_never_overwritten(tmp_path: Pat
     with pytest.raises(BenchConfigError, match="finished run of another command"):
         plan(load_bench(path))
     assert record.read_text() == before
+
+
+def _synthetic_results(folder: Path) -> None:
+    """A results.json as lemoe bench writes it: two methods, two stream lengths, curves and costs."""
+    cells = {}
+    for method, base in (("ft-m", 0.4), ("lemoe", 0.9)):
+        for n in (10, 20):
+            timeline = [
+                {"edits_so_far": k, "aggregate": {"reliability.token_acc": base - k / 100, "locality.agreement": 0.9}}
+                for k in range(5, n + 1, 5)
+            ]
+            cells[f"{method}.zsre-sample.n{n}.b5.every-1.s0"] = {
+                "config": {"method": method, "method_label": method, "data": "zsre:sample", "data_label": "zsre-sample",
+                           "edits": n, "edits_per_step": 5, "eval": "every:1", "seed": 0, "options": {}},
+                "command": f"lemoe run --method {method} --edits {n}",
+                "results": {"reliability,token_acc": base, "reliability_stderr,token_acc": 0.02,
+                            "locality,agreement": 0.9, "locality_stderr,agreement": None},
+                "timeline": timeline,
+                "cost": {"seconds_per_edit": base * n / 10, "peak_rss_mb": 500 + n},
+            }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"bench": "b.toml", "stderr": "bootstrap", "cells": cells}))
+
+
+def test_report_holds_leaderboards_curves_costs_and_commands(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _synthetic_results(tmp_path / "out")
+    assert main(["report", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "zsre-sample: 10 edits, 5 per step, eval every:1" in md and "0.900 ± 0.039" in md  # 1.96 x 0.02
+    assert md.count("![") == 3 and all(
+        (tmp_path / "out" / "report_files" / f"plot-{i}.png").is_file() for i in range(3)
+    )
+    assert page.count('src="data:image/png;base64,iVBOR') == 3  # PNGs embedded: one file, offline
+    assert "lemoe run --method lemoe --edits 20" in page and "<script" not in page
+    assert main(["report", str(tmp_path / "nothing")]) == 2  # "not a lemoe bench results file ... run lemoe bench"
+
+
+def test_report_renders_in_a_headless_browser(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    pytest.importorskip("matplotlib")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium on this machine (make test installs Debian's chromium where apt-get and root allow)")
+    _synthetic_results(tmp_path / "out")
+    main(["report", str(tmp_path / "out")])
+    shot = tmp_path / "shot.png"
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", f"--screenshot={shot}",
+         (tmp_path / "out" / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.is_file(), run.stderr[-2000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] > 1000
+    # the plots' coloured lines: far more distinct colours than a page of black text on white
+    colours = {
+        tuple((pixels[y, x, :3] * 255).astype(int)) for y in range(0, pixels.shape[0], 3) for x in range(0, 1280, 3)
+    }
+    assert len(colours) > 200

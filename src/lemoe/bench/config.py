@@ -248,7 +248,7 @@ def load_bench(path: str | Path, out: str | Path | None = None) -> Bench:
     out_dir = Path(out) if out is not None else doc.get("out")
     if out_dir is None:
         raise BenchConfigError(f'{where}: no output folder: set out = "..." in the file or pass --out')
-    out_dir = Path(out_dir) if Path(out_dir).is_absolute() or out is not None else base / out_dir
+    out_dir = (Path(out_dir) if Path(out_dir).is_absolute() or out is not None else base / out_dir).resolve()
 
     def tables(key: str) -> list[tuple[dict[str, Any], str]]:
         return [(t, f"{where}: [[{key}]] #{i + 1}") for i, t in enumerate(_table_list(doc, key, where))]

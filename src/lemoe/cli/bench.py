@@ -31,6 +31,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.html (one offline file) and report.md from a bench folder's results.json."""
+    from lemoe.bench.report import write_report
+
+    paths = write_report(args.folder)
+    print(f"report: {paths['html']} and {paths['markdown']}")
+    return 0
+
+
 def add_bench_command(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
@@ -43,3 +52,6 @@ def add_bench_command(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
     p.add_argument("--quiet", action="store_true", help="no matrix progress bar")
     p.set_defaults(func=cmd_bench)
+    r = sub.add_parser("report", help="a results page (HTML + markdown, with plots) from a bench folder")
+    r.add_argument("folder", help="a lemoe bench output folder (holding results.json)")
+    r.set_defaults(func=cmd_report)
