@@ -21,6 +21,6 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 # docs/results.md is assembled from the per-area pages (each holds its own commands).
-RESULT_PAGES := foundation lemoe realistic coachhook oedit malmen store
+RESULT_PAGES := foundation lemoe realistic bench coachhook oedit malmen store
 results-doc:
 	{ cat docs/results/_header.md; for p in $(RESULT_PAGES); do [ -f docs/results/$$p.md ] && { echo; echo '---'; echo; sed 's/^#/##/' docs/results/$$p.md; }; done; } > docs/results.md

@@ -214,3 +214,75 @@ def test_report_renders_in_a_headless_browser(tmp_path: Path) -> None:
         tuple((pixels[y, x, :3] * 255).astype(int)) for y in range(0, pixels.shape[0], 3) for x in range(0, 1280, 3)
     }
     assert len(colours) > 200
+
+
+RAY_MATRIX = """
+model = "{model}"
+out = "out"
+checkpoint_every = 1
+cpus = 1
+[[method]]
+name = "ft-m"
+options = {{ steps = 8 }}
+[[data]]
+spec = "zsre:sample"
+edits = [{n}, 6]
+[[protocol]]
+edits_per_step = 1
+eval = "final"
+"""
+
+
+def _ray_worker_running(task_name: str) -> int | None:
+    """The pid of the Ray worker whose process title names the task (Ray sets ``ray::<name>``)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(f"ray::{task_name}"):
+                return int(proc.name)
+    return None
+
+
+def test_ray_executor_reruns_only_the_cell_whose_worker_was_killed(tmp_path: Path, tiny_dir: Path) -> None:
+    """A local Ray instance with two workers; one cell's worker is SIGKILLed mid-run: Ray runs that
+    task again, it resumes from the cell's checkpoint, and the driver writes both records."""
+    ray = pytest.importorskip("ray")
+    import os
+    import signal
+    import threading
+    import time
+
+    n = 40
+    bench = load_bench(write(tmp_path, RAY_MATRIX.format(model=tiny_dir, n=n)))
+    long_cell = f"ft-m.zsre-sample.n{n}.b1.final.s0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary: dict = {}
+        thread = threading.Thread(
+            target=lambda: summary.update(run_bench(bench, progress=False, executor="ray")), daemon=True
+        )
+        thread.start()
+        killed, deadline = None, time.time() + 240
+        checkpoint = tmp_path / "out" / "checkpoints" / long_cell
+        while killed is None and time.time() < deadline and thread.is_alive():
+            pid = _ray_worker_running(long_cell)
+            if pid is not None and checkpoint.is_dir() and any(checkpoint.iterdir()):  # mid-run, progress saved
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+            time.sleep(0.05)
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+    finally:
+        ray.shutdown()
+    assert killed is not None, "the long cell finished before it could be killed"
+    assert summary["failed"] == {} and summary["ran"] == 2
+    record = json.loads((tmp_path / "out" / "cells" / f"{long_cell}.json").read_text())
+    assert record["resumed_from"] is not None and len(record["per_request"]) == n  # ran again, resumed
+    assert record["command"] == plan(bench, [long_cell])[0].command
+    other = json.loads((tmp_path / "out" / "cells" / "ft-m.zsre-sample.n6.b1.final.s0.json").read_text())
+    assert other["resumed_from"] is None  # the other cell ran once
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(results["cells"]) == sorted([long_cell, "ft-m.zsre-sample.n6.b1.final.s0"])

@@ -7,6 +7,10 @@ The file is TOML::
     seeds = [0]                     # optional
     skip_probes = ["fluency"]       # optional, as ``lemoe run --skip-probe``
     pre = false                     # also score the unedited model on the edit set (default false)
+    device = "cpu"                  # optional; cpus / gpus: what one cell needs (--executor ray
+    cpus = 1                        #   schedules by them; a [[method]] may set its own)
+    gpus = 0
+    checkpoint_every = 25           # steps between a cell's checkpoints (resume granularity)
 
     [[method]]
     name = "ft-m"
@@ -42,8 +46,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_KEYS = {"model", "out", "seeds", "skip_probes", "pre", "batch_size", "method", "data", "protocol"}
-METHOD_KEYS = {"name", "label", "options"}
+TOP_KEYS = {
+    *("model", "out", "seeds", "skip_probes", "pre", "batch_size", "method", "data", "protocol"),
+    *("device", "cpus", "gpus", "checkpoint_every"),
+}
+METHOD_KEYS = {"name", "label", "options", "cpus", "gpus"}
 DATA_KEYS = {"spec", "edits", "label", "zsre_target"}
 PROTOCOL_KEYS = {"edits_per_step", "eval", "chunk", "order"}
 
@@ -71,6 +78,10 @@ class Cell:
     skip_probes: tuple[str, ...] = ()
     pre: bool = False
     batch_size: int = 32
+    device: str = "cpu"
+    cpus: float = 1.0  # what the cell needs from an executor (Ray schedules by it)
+    gpus: float = 0.0
+    checkpoint_every: int = 25
     labels: dict[str, str] = field(default_factory=dict)  # method / data labels, for reports
 
     def run_args(self, out: Path, checkpoint: Path) -> list[str]:
@@ -78,6 +89,10 @@ class Cell:
         args = ["run", "--model", self.model, "--method", self.method, "--data", self.data]
         args += ["--edits", str(self.edits), "--edits-per-step", str(self.edits_per_step)]
         args += ["--eval", self.evaluate, "--seed", str(self.seed), "--batch-size", str(self.batch_size)]
+        if self.device != "cpu":
+            args += ["--device", self.device]
+        if self.checkpoint_every != 25:
+            args += ["--checkpoint-every", str(self.checkpoint_every)]
         if self.chunk is not None:
             args += ["--chunk", str(self.chunk)]
         if self.order != "given":
@@ -146,6 +161,14 @@ def _positive_ints(value: Any, where: str) -> list[int]:
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
         raise BenchConfigError(f"{where}: expected a positive integer or a list of them, got {value!r}")
     return values
+
+
+def _resources(table: dict[str, Any], where: str, default: tuple[float, float]) -> tuple[float, float]:
+    cpus, gpus = table.get("cpus", default[0]), table.get("gpus", default[1])
+    for name, value in (("cpus", cpus), ("gpus", gpus)):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise BenchConfigError(f"{where}.{name}: expected a number >= 0, got {value!r}")
+    return float(cpus), float(gpus)
 
 
 def _check_method(table: dict[str, Any], where: str) -> tuple[str, dict[str, Any], str]:
@@ -253,12 +276,18 @@ def load_bench(path: str | Path, out: str | Path | None = None) -> Bench:
     def tables(key: str) -> list[tuple[dict[str, Any], str]]:
         return [(t, f"{where}: [[{key}]] #{i + 1}") for i, t in enumerate(_table_list(doc, key, where))]
 
+    device = doc.get("device", "cpu")
+    every = doc.get("checkpoint_every", 25)
+    if not isinstance(device, str) or not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise BenchConfigError(f"{where}: device must be a string and checkpoint_every a positive integer")
+    default_resources = _resources(doc, where, (1.0, 0.0))
     methods = [_check_method(t, at) for t, at in tables("method")]
+    resources = [_resources(t, at, default_resources) for t, at in tables("method")]
     data = [_check_data(t, base, at) for t, at in tables("data")]
     protocols = [_check_protocol(t, at) for t, at in tables("protocol")]
     cells: list[Cell] = []
     seen: dict[str, str] = {}
-    for name, options, mlabel in methods:
+    for (name, options, mlabel), (cpus, gpus) in zip(methods, resources, strict=True):
         for spec, sizes, dlabel, target in data:
             for n in sizes:
                 for p in protocols:
@@ -295,6 +324,10 @@ def load_bench(path: str | Path, out: str | Path | None = None) -> Bench:
                                 skip_probes=tuple(skip),
                                 pre=pre,
                                 batch_size=batch_size,
+                                device=device,
+                                cpus=cpus,
+                                gpus=gpus,
+                                checkpoint_every=every,
                                 labels={"method_label": mlabel, "data_label": dlabel},
                             )
                         )

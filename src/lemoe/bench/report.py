@@ -87,7 +87,7 @@ def plots(cells: dict[str, Any]) -> list[tuple[str, bytes]]:
     for cell in cells.values():
         groups[_group(cell)].append(cell)
     for (data, n, b, ev), members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3), squeeze=False)
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3), squeeze=False, layout="constrained")
         for ax, (probe, scorer, name) in zip(axes[0], CURVES, strict=True):
             for cell in members:
                 points = [
@@ -115,7 +115,7 @@ def plots(cells: dict[str, Any]) -> list[tuple[str, bytes]]:
                 (c["edits"], cost["seconds_per_edit"], cost.get("peak_rss_mb") or float("nan"))
             )
     for data, lines in sorted(by_data.items()):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.3), layout="constrained")
         for label, points in sorted(lines.items()):
             points.sort()
             xs = [p[0] for p in points]

@@ -93,8 +93,11 @@ def run_bench(
     *,
     progress: bool = True,
     execute: Callable[[CellPlan], int] = run_cell,
+    executor: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """Run every cell not yet done (in file order), then write the aggregate. Returns a summary."""
+    """Run every cell not yet done (in file order; with ``executor="ray"`` as Ray tasks, see
+    :mod:`lemoe.bench.ray_executor`), then write the aggregate. Returns a summary."""
     from tqdm.auto import tqdm
 
     from lemoe.bench.aggregate import write_aggregate
@@ -103,7 +106,21 @@ def run_bench(
     todo = [p for p in plans if p.state != "done"]
     failed: dict[str, str] = {}
     bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc="bench", unit="cell", disable=not progress)
-    for p in todo:
+    if executor == "ray":
+        from lemoe.bench.ray_executor import run_on_ray
+        from lemoe.runner import write_results
+
+        def done_on_ray(p: CellPlan, record: dict[str, Any] | None, error: str | None) -> None:
+            if record is not None:
+                write_results(record, p.record)  # the driver writes: a record here is complete
+            else:
+                failed[p.cell.cell_id] = error or "failed"
+            bar.update(1)
+
+        run_on_ray(todo, address, done_on_ray)
+    elif executor != "local":
+        raise BenchConfigError(f"unknown executor {executor!r} (local or ray)")
+    for p in todo if executor == "local" else []:
         bar.set_postfix_str(p.cell.cell_id)
         try:
             status = execute(p)

@@ -24,7 +24,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{len(plans)} cells: {counts['todo']} to run, {counts['resume']} to resume, {counts['done']} done")
         print(f"output folder: {bench.out}")
         return 0
-    summary = run_bench(bench, args.only, progress=not args.quiet)
+    summary = run_bench(bench, args.only, progress=not args.quiet, executor=args.executor, address=args.address)
     print(f"{summary['cells']} cells, {summary['ran']} run now; aggregate: {summary['results']}")
     for cell_id, reason in summary["failed"].items():
         print(f"failed: {cell_id}: {reason} (rerun the same command to resume it)", file=sys.stderr)
@@ -51,6 +51,14 @@ def add_bench_command(sub: Any) -> None:
     p.add_argument("--only", action="append", default=None, metavar="GLOB", help="run only cells whose id matches")
     p.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
     p.add_argument("--quiet", action="store_true", help="no matrix progress bar")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one cell after another (default); "
+        "ray: cells as Ray tasks with the cpus/gpus each declares (pip install 'lemoe[ray]')",
+    )
+    p.add_argument("--address", default=None, help="--executor ray: join this Ray cluster (default: a local one)")
     p.set_defaults(func=cmd_bench)
     r = sub.add_parser("report", help="a results page (HTML + markdown, with plots) from a bench folder")
     r.add_argument("folder", help="a lemoe bench output folder (holding results.json)")
