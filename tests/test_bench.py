@@ -55,6 +55,7 @@ def write(tmp_path: Path, text: str) -> Path:
         (('eval = "final"', 'eval = "every:0"'), r"\[\[protocol\]\] #1: evaluate must be"),
         (("edits = [4]", "edits = [0]"), r"\[\[data\]\] #1.edits: expected a positive integer"),
         (('out = "out"', 'out = "out"\nbogus = 1'), r"unknown key\(s\) \['bogus'\]"),
+        (('name = "ft-m"', 'name = "ft-m"\ngpus = -1'), r"\[\[method\]\] #1.gpus: expected a number >= 0"),
         (("[[protocol]]", "[[protocol]"), r"not valid TOML: .*line"),
         (
             ("[[protocol]]", '[[data]]\nspec = "zsre:sample"\nedits = [4]\n[[protocol]]'),
