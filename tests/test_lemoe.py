@@ -424,3 +424,26 @@ def test_hnsw_route_index_gives_the_exact_decisions(tokenizer) -> None:
     assert method.router.index is not None and method.router.index.size == method.router.size
     method.rollback(1)
     assert method.route_prompts(prompts).tolist() == [0, NULL, 1, NULL, NULL]
+
+
+def test_a_replica_keeps_its_hnsw_index_across_publishes_of_an_appended_state(tokenizer) -> None:
+    pytest.importorskip("faiss")
+    opts = {**OPTS, "route_index": "hnsw", "route_index_min_slots": 1}
+    model = tiny_model("llama")
+    writer = build_method("lemoe", model, tokenizer, opts)
+    replica = build_method("lemoe", model, tokenizer, opts)
+    writer.apply([EDITS[0]])
+    writer.apply([EDITS[1]])
+    replica.load_state_dict(writer.state_dict(), writer.state_meta())  # shares the writer's tensors
+    prompts = [r.prompt for r in EDITS] + UNRELATED
+    assert replica.route_prompts(prompts).tolist() == [0, 1, NULL, NULL, NULL]
+    index = replica.router.index
+    writer.apply([EDITS[2]])
+    replica.load_state_dict(writer.state_dict(), writer.state_meta())
+    assert replica.router.index is index  # grown, not rebuilt
+    assert replica.route_prompts(prompts).tolist() == [0, 1, 2, NULL, NULL]
+    assert index.size == replica.router.size
+    writer.rollback(0)  # not an append: the next load builds a fresh index
+    replica.load_state_dict(writer.state_dict(), writer.state_meta())
+    assert replica.router.index is None
+    assert replica.route_prompts(prompts).tolist() == [NULL, 0, 1, NULL, NULL]

@@ -221,8 +221,13 @@ class LEMoE(EditMethod):
             device=self.access.device,
         )
         self._state_epoch += 1
-        self.edits = edits
+        old, self.edits = self.edits.router, edits
         self._configure_router()
+        new = self.router
+        if old.index is not None and new.size >= old.index.size:
+            n = old.index.size  # the same rows plus appended ones (a replica's publish): keep the index
+            same = new.keys.data_ptr() == old.keys.data_ptr() or torch.equal(new.keys[:n], old.keys[:n].to(new.keys))
+            new.index = old.index if same else None
         self.calibration.load(state, self.access.device)
         self.batches_applied = int(meta.get("batches_applied", len(edits)))
 
