@@ -11,6 +11,7 @@ import shlex
 import sys
 
 from lemoe.cli.bench import add_bench_command
+from lemoe.cli.export import add_export_command
 from lemoe.cli.run import DEMO_EDITS, add_run_commands
 from lemoe.cli.serve import add_serve_command
 from lemoe.cli.store import add_store_commands
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_commands(sub)  # run, demo, eval
     add_bench_command(sub)
+    add_export_command(sub)
     add_train_editor_command(sub)
     add_store_commands(sub)
     add_serve_command(sub)
