@@ -84,6 +84,7 @@ def test_cells_and_their_commands(tmp_path: Path, capsys) -> None:
     p = plan(bench, ["lemoe.*n6*"])
     assert [x.cell.cell_id for x in p] == ["lemoe.zsre-sample.n6.b2.final.s0"] and p[0].state == "todo"
     assert "--opt steps=3 --opt train_chat=false --opt layer=1" in p[0].command
+    assert "--quiet" not in p[0].command  # progress bars are the runner's choice, not the cell's
     with pytest.raises(BenchConfigError, match="matches none"):
         plan(bench, ["nothing*"])
     assert main(["bench", str(bench.path), "--dry-run"]) == 0

@@ -105,7 +105,7 @@ class Cell:
             args += ["--skip-probe", kind]
         if not self.pre:
             args.append("--no-pre")
-        return [*args, "--quiet", "--out", str(out), "--checkpoint", str(checkpoint)]
+        return [*args, "--out", str(out), "--checkpoint", str(checkpoint)]  # progress bars: the runner's choice
 
     def command(self, out: Path, checkpoint: Path) -> str:
         return "lemoe " + shlex.join(self.run_args(out, checkpoint))

@@ -44,6 +44,7 @@ def run_cell_returning_record(cell: Cell, record: str, checkpoint: str) -> dict[
         private = Path(tmp) / "record.json"
         args = parser.parse_args([*argv[1:], "--out", str(private)])  # the last --out wins
         args.command_line = "lemoe " + shlex.join(argv)
+        args.quiet = True  # workers' output does not reach the driver
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         status = cmd_run(args)
         if status != 0:

@@ -70,8 +70,9 @@ def plan(bench: Bench, only: list[str] | None = None) -> list[CellPlan]:
     return out
 
 
-def run_cell(p: CellPlan) -> int:
-    """Run one cell in this process, exactly as its ``lemoe run`` command would."""
+def run_cell(p: CellPlan, *, progress: bool = False) -> int:
+    """Run one cell in this process, exactly as its ``lemoe run`` command would (with its own
+    progress bar when ``progress``: the second bar under the matrix's)."""
     from lemoe.cli.run import _add_run_args, cmd_run
 
     parser = argparse.ArgumentParser(prog="lemoe run")
@@ -79,6 +80,7 @@ def run_cell(p: CellPlan) -> int:
     argv = p.cell.run_args(p.record, p.checkpoint)
     args = parser.parse_args(argv[1:])
     args.command_line = "lemoe " + shlex.join(argv)
+    args.quiet = not progress
     p.record.parent.mkdir(parents=True, exist_ok=True)
     p.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     status = cmd_run(args)
@@ -92,7 +94,7 @@ def run_bench(
     only: list[str] | None = None,
     *,
     progress: bool = True,
-    execute: Callable[[CellPlan], int] = run_cell,
+    execute: Callable[[CellPlan], int] | None = None,
     executor: str = "local",
     address: str | None = None,
 ) -> dict[str, Any]:
@@ -102,6 +104,7 @@ def run_bench(
 
     from lemoe.bench.aggregate import write_aggregate
 
+    execute = execute or (lambda p: run_cell(p, progress=progress))
     plans = plan(bench, only)
     todo = [p for p in plans if p.state != "done"]
     failed: dict[str, str] = {}
