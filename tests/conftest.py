@@ -170,3 +170,14 @@ def tiny_llama():
     from lemoe.testing import tiny_model
 
     return tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, tokenizer) -> Path:
+    """A tiny random Llama and the offline tokenizer saved as a model folder (``--model DIR``)."""
+    from lemoe.testing import tiny_model
+
+    folder = tmp_path / "tiny-model"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ from lemoe.bench import BenchConfigError, load_bench
 from lemoe.bench.aggregate import bootstrap_stderr, cell_results
 from lemoe.bench.run import plan, run_bench, run_cell
 from lemoe.cli import main
-from lemoe.testing import tiny_model
 
 MATRIX = """
 model = "{model}"
@@ -29,14 +28,6 @@ edits = [4]
 edits_per_step = 2
 eval = "final"
 """
-
-
-@pytest.fixture
-def tiny_dir(tmp_path: Path, tokenizer) -> Path:
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -103,8 +94,8 @@ def test_bootstrap_stderr_is_seeded_and_sensible() -> None:
     assert cell_results(record) == {"reliability,token_acc": 0.5, "reliability_stderr,token_acc": se}
 
 
-def test_a_matrix_runs_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path, tiny_dir: Path) -> None:
-    bench = load_bench(write(tmp_path, MATRIX.format(model=tiny_dir)))
+def test_a_matrix_runs_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path, tiny_model_dir: Path) -> None:
+    bench = load_bench(write(tmp_path, MATRIX.format(model=tiny_model_dir)))
     summary = run_bench(bench, progress=False)
     assert summary["failed"] == {} and summary["ran"] == 2
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -138,13 +129,13 @@ def test_a_matrix_runs_skips_finished_cells_and_resumes_interrupted_ones(tmp_pat
     assert json.loads(lemoe_record.read_text())["aggregate"] == json.loads(finished)["aggregate"]
 
 
-def test_a_finished_record_of_another_command_is_never_overwritten(tmp_path: Path, tiny_dir: Path) -> None:
-    path = write(tmp_path, MATRIX.format(model=tiny_dir))
+def test_a_finished_record_of_another_command_is_never_overwritten(tmp_path: Path, tiny_model_dir: Path) -> None:
+    path = write(tmp_path, MATRIX.format(model=tiny_model_dir))
     bench = load_bench(path)
     run_bench(bench, ["ft-m*"], progress=False)
     record = tmp_path / "out" / "cells" / "ft-m.zsre-sample.n4.b2.final.s0.json"
     before = record.read_text()
-    path.write_text(MATRIX.format(model=tiny_dir).replace("steps = 2", "steps = 1"))
+    path.write_text(MATRIX.format(model=tiny_model_dir).replace("steps = 2", "steps = 1"))
     with pytest.raises(BenchConfigError, match="finished run of another command"):
         plan(load_bench(path))
     assert record.read_text() == before
@@ -248,7 +239,7 @@ def _ray_worker_running(task_name: str) -> int | None:
     return None
 
 
-def test_ray_executor_reruns_only_the_cell_whose_worker_was_killed(tmp_path: Path, tiny_dir: Path) -> None:
+def test_ray_executor_reruns_only_the_cell_whose_worker_was_killed(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A local Ray instance with two workers; one cell's worker is SIGKILLed mid-run: Ray runs that
     task again, it resumes from the cell's checkpoint, and the driver writes both records."""
     ray = pytest.importorskip("ray")
@@ -258,7 +249,7 @@ def test_ray_executor_reruns_only_the_cell_whose_worker_was_killed(tmp_path: Pat
     import time
 
     n = 40
-    bench = load_bench(write(tmp_path, RAY_MATRIX.format(model=tiny_dir, n=n)))
+    bench = load_bench(write(tmp_path, RAY_MATRIX.format(model=tiny_model_dir, n=n)))
     long_cell = f"ft-m.zsre-sample.n{n}.b1.final.s0"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

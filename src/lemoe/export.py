@@ -60,7 +60,7 @@ def export_edited(source: str | Path, out: str | Path, *, model: str | None = No
         meta = read_state_meta(state_dir)
         base, tokenizer = load_model(model, device=device)
         hooks_before = _hook_count(base)
-        method = load_method(str(state_dir), base, tokenizer)
+        load_method(str(state_dir), base, tokenizer)  # edits the weights or installs its hooks
         adaptor = _hook_count(base) > hooks_before
         info = {
             "format_version": 1,
@@ -81,7 +81,6 @@ def export_edited(source: str | Path, out: str | Path, *, model: str | None = No
                 base.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
             fileio.write_json(folder / EXPORT_FILE, info)
-        del method
     return info
 
 

@@ -30,28 +30,17 @@ def _ray() -> Any:
 
 
 def run_cell_returning_record(cell: Cell, record: str, checkpoint: str) -> dict[str, Any]:
-    """In a worker: run the cell (its command names ``record``; the file written is private)."""
-    import argparse
+    """In a worker: run the cell (its command names ``record``; the file written is private, the
+    driver writes ``record``). No progress bars: workers' output does not reach the driver."""
     import json
-    import shlex
 
-    from lemoe.cli.run import _add_run_args, cmd_run
+    from lemoe.bench.run import run_cell_command
 
-    argv = cell.run_args(Path(record), Path(checkpoint))
-    parser = argparse.ArgumentParser(prog="lemoe run")
-    _add_run_args(parser)
     with tempfile.TemporaryDirectory(prefix="lemoe-cell-") as tmp:
         private = Path(tmp) / "record.json"
-        args = parser.parse_args([*argv[1:], "--out", str(private)])  # the last --out wins
-        args.command_line = "lemoe " + shlex.join(argv)
-        args.quiet = True  # workers' output does not reach the driver
-        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        status = cmd_run(args)
+        status = run_cell_command(cell, Path(record), Path(checkpoint), write_to=private)
         if status != 0:
             raise RuntimeError(f"lemoe run exited with status {status}")
-        ckpt = Path(checkpoint)
-        if ckpt.is_dir() and not any(ckpt.iterdir()):
-            ckpt.rmdir()
         return json.loads(private.read_text(encoding="utf-8"))
 
 

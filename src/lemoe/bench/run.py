@@ -70,23 +70,32 @@ def plan(bench: Bench, only: list[str] | None = None) -> list[CellPlan]:
     return out
 
 
-def run_cell(p: CellPlan, *, progress: bool = False) -> int:
-    """Run one cell in this process, exactly as its ``lemoe run`` command would (with its own
-    progress bar when ``progress``: the second bar under the matrix's)."""
+def run_cell_command(
+    cell: Cell, record: Path, checkpoint: Path, *, write_to: Path | None = None, progress: bool = False
+) -> int:
+    """Run a cell in this process exactly as its ``lemoe run`` command would. The record's
+    ``command`` names ``record``; ``write_to`` is where it is written (default: ``record``)."""
     from lemoe.cli.run import _add_run_args, cmd_run
 
     parser = argparse.ArgumentParser(prog="lemoe run")
     _add_run_args(parser)
-    argv = p.cell.run_args(p.record, p.checkpoint)
+    argv = cell.run_args(record, checkpoint)
     args = parser.parse_args(argv[1:])
     args.command_line = "lemoe " + shlex.join(argv)
+    args.out = str(write_to or record)
     args.quiet = not progress
-    p.record.parent.mkdir(parents=True, exist_ok=True)
-    p.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     status = cmd_run(args)
-    if status == 0 and p.checkpoint.is_dir() and not any(p.checkpoint.iterdir()):
-        p.checkpoint.rmdir()  # the run removed its own files; the folder is the bench's
+    if status == 0 and checkpoint.is_dir() and not any(checkpoint.iterdir()):
+        checkpoint.rmdir()  # the run removed its own files; the folder is the bench's
     return status
+
+
+def run_cell(p: CellPlan, *, progress: bool = False) -> int:
+    """Run one planned cell here (with its own progress bar when ``progress``: the second bar
+    under the matrix's)."""
+    return run_cell_command(p.cell, p.record, p.checkpoint, progress=progress)
 
 
 def run_bench(
@@ -123,17 +132,18 @@ def run_bench(
         run_on_ray(todo, address, done_on_ray)
     elif executor != "local":
         raise BenchConfigError(f"unknown executor {executor!r} (local or ray)")
-    for p in todo if executor == "local" else []:
-        bar.set_postfix_str(p.cell.cell_id)
-        try:
-            status = execute(p)
-        except Exception as e:  # one broken cell does not stop the matrix; its checkpoint stays
-            status, reason = 1, f"{type(e).__name__}: {e}"
-        else:
-            reason = f"exit status {status}"
-        if status != 0:
-            failed[p.cell.cell_id] = reason
-        bar.update(1)
+    else:
+        for p in todo:
+            bar.set_postfix_str(p.cell.cell_id)
+            try:
+                status = execute(p)
+            except Exception as e:  # one broken cell does not stop the matrix; its checkpoint stays
+                status, reason = 1, f"{type(e).__name__}: {e}"
+            else:
+                reason = f"exit status {status}"
+            if status != 0:
+                failed[p.cell.cell_id] = reason
+            bar.update(1)
     bar.close()
     all_cells = plan(bench)  # the aggregate covers every finished cell of the file
     done = [p for p in all_cells if p.state == "done"]

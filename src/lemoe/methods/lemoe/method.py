@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,7 +82,6 @@ class _Runtime:
     train_expert: Expert | None = None
     observed: torch.Tensor | None = None
     record: list[torch.Tensor] | None = None  # prefill decisions, when recording
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _is_decoding(past: Any) -> bool:
@@ -200,15 +199,7 @@ class LEMoE(EditMethod):
         return dict.fromkeys(Edits.append_only_keys(self.cfg.expert_mode == "shared"), self._state_epoch)
 
     def state_meta(self) -> dict[str, Any]:
-        meta = self.edits.meta()
-        return {
-            **super().state_meta(),
-            "n_experts": meta["n_experts"],
-            "expert_batches": meta["expert_batches"],
-            "expert_requests": meta["expert_requests"],
-            "route_key": self.cfg.route_key,
-            "next_key": meta["next_key"],
-        }
+        return {**super().state_meta(), **self.edits.meta(), "route_key": self.cfg.route_key}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         dims = (self.d_in, self.d_out, self.cfg.expert_width, self.access.hidden_size)
@@ -223,11 +214,7 @@ class LEMoE(EditMethod):
         self._state_epoch += 1
         old, self.edits = self.edits.router, edits
         self._configure_router()
-        new = self.router
-        if old.index is not None and new.size >= old.index.size:
-            n = old.index.size  # the same rows plus appended ones (a replica's publish): keep the index
-            same = new.keys.data_ptr() == old.keys.data_ptr() or torch.equal(new.keys[:n], old.keys[:n].to(new.keys))
-            new.index = old.index if same else None
+        self.router.keep_index_of(old)  # a replica's publish of an appended state grows the index
         self.calibration.load(state, self.access.device)
         self.batches_applied = int(meta.get("batches_applied", len(edits)))
 

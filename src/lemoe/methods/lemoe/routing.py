@@ -89,6 +89,18 @@ class Router:
         self.index.add(self.keys[self.index.size :])
         return self.index
 
+    def keep_index_of(self, previous: Router) -> None:
+        """Take over ``previous``'s slot index when this table holds the same slots plus appended
+        ones (a loaded state that only grew), so the index grows instead of being rebuilt."""
+        index = previous.index
+        if index is None or self.size < index.size:
+            return
+        n = index.size
+        same = self.keys.data_ptr() == previous.keys.data_ptr() or torch.equal(
+            self.keys[:n], previous.keys[:n].to(self.keys)
+        )
+        self.index = index if same else None
+
     def _candidates(self, q: torch.Tensor, valid: torch.Tensor) -> Router:
         """This table restricted to the keys the index says may pass their threshold for the
         tokens ``q[valid]`` (all of it when no index applies)."""
