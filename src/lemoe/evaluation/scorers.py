@@ -144,9 +144,14 @@ def greedy_generate(
     batch_size: int = 64,
     context: ForwardContext = no_context,
     stop_ids: torch.Tensor | None = None,
+    on_step: Callable[[list[int], list[int]], Sequence[bool]] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations, left-padded and batched, with a KV cache; a row stops at EOS, at any
-    of ``stop_ids`` (kept in the output) or at its own ``max_new_tokens``. Returns new token ids."""
+    of ``stop_ids`` (kept in the output) or at its own ``max_new_tokens``. Returns new token ids.
+
+    ``on_step(rows, tokens)``, if given, sees every step's new token of each row of the current
+    batch (``rows`` are indices into ``prompts``, including rows already done) and answers, per row,
+    whether that row should stop now: how a server streams text and applies its own stop rules."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer, eos_fallback=False)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -179,6 +184,9 @@ def greedy_generate(
                     done |= nxt == eos
                 if stop_ids is not None:
                     done |= torch.isin(nxt, stop_ids)
+                if on_step is not None:
+                    stop_now = on_step(idx, nxt.tolist())
+                    done |= torch.tensor(list(stop_now), dtype=torch.bool, device=device)
                 if bool(done.all()):
                     break
                 step_ids = nxt[:, None]

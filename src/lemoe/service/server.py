@@ -1,53 +1,59 @@
-"""``lemoe serve STORE``: the editing service, an HTTP/JSON API over one edit store.
+"""``lemoe serve STORE``: the editing service over one edit store.
 
-Standard library only (``ThreadingHTTPServer``): no extra dependency, and full control of the
-limits that matter for an editing service -- the body size is checked from ``Content-Length``
-before a byte is read, every error is a JSON 4xx with a message, and nothing a client sends can
-reach the journal without passing :func:`lemoe.store.parse_submission`.
+:class:`EditService` holds the store, the serving replicas, the generation batcher and the writer
+thread; :mod:`lemoe.service.app` is its HTTP layer (FastAPI, run by uvicorn on a thread of its own,
+TLS through uvicorn's certificate options). Concurrency: request handlers validate and *accept*
+edits (one short SQLite transaction) and read the journal; one writer thread applies accepted
+edits in batches, runs rollbacks, and publishes each new state to the serving replicas, so
+generation keeps being served while a batch is applied.
 
-Concurrency: HTTP threads validate and *accept* edits (one short SQLite transaction) and read the
-journal; one writer thread applies accepted edits in batches, runs rollbacks, and publishes each new
-state to the serving replicas, so generation keeps being served while a batch is applied.
+API (JSON; every route but ``/v1/health``, the schema and the console needs ``Authorization: Bearer TOKEN``;
+the full schema is served at ``/openapi.json``, browsable at ``/docs``):
 
-API (all JSON; every route but ``/v1/health`` needs ``Authorization: Bearer TOKEN``):
-
-=====  ====================  ==========================================================
-GET    /v1/health            liveness, no auth
-GET    /v1/store             model, method, counts, writer state
-POST   /v1/edits             ``{"requests": [...]}`` (or one request object) -> 202 + seqs
-GET    /v1/edits             ``?status=&after=&limit=`` -> edits in arrival order
-GET    /v1/edits/{seq}       one edit and its status
-GET    /v1/batches           batches and their status
-POST   /v1/rollback          ``{"batch": N}`` or ``{"after": N}``, optional ``"replay": true``
-POST   /v1/generate          ``{"prompt": "...", "max_new_tokens": 20}`` with the edited model
-=====  ====================  ==========================================================
+=====  =========================  ====================================================================
+GET    /v1/health                 liveness, no auth
+GET    /v1/store                  model, method, counts, writer state
+POST   /v1/edits                  ``{"requests": [...]}`` (or one request object) -> 202 + seqs
+GET    /v1/edits                  ``?status=&after=&limit=`` -> edits in arrival order
+GET    /v1/edits/{seq}            one edit and its status
+GET    /v1/batches                batches and their status
+POST   /v1/rollback               ``{"batch": N}`` or ``{"after": N}``, optional ``"replay": true``
+POST   /v1/generate               ``{"prompt": "...", "max_new_tokens": 20, "model": "edited"|"base"}``
+POST   /v1/chat/completions       OpenAI-compatible (``stream`` too): :mod:`lemoe.service.openai_api`
+POST   /v1/completions            OpenAI-compatible text completion
+GET    /v1/models                 the models one can ask: ``edited`` and ``base``
+GET    /metrics                   Prometheus metrics (:mod:`lemoe.service.metrics`)
+GET    /console/                  the edit console (static page)
+=====  =========================  ====================================================================
 """
 
 from __future__ import annotations
 
 import collections
-import hmac
-import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+
+import uvicorn
+from pydantic import ValidationError
 
 from lemoe.methods.base import EditMethod, RollbackNotSupported
 from lemoe.requests import InvalidRequestError
-from lemoe.service.replicas import GenerationBatcher, ServingReplicas
+from lemoe.service.errors import ApiError
+from lemoe.service.generation import GenerationBatcher, GenerationJob, UneditedModel
+from lemoe.service.metrics import ServiceMetrics
+from lemoe.service.replicas import ServingReplicas
+from lemoe.service.schemas import GenerateIn
 from lemoe.store import DuplicateEditError, EditStore, StoreBusyError, StoreError, parse_submission
 from lemoe.store.journal import EDIT_STATUSES
 
 log = logging.getLogger("lemoe.service")
-
-MAX_GENERATE_PROMPT_CHARS = 2000
 
 
 @dataclass
@@ -60,20 +66,16 @@ class ServiceConfig:
     max_queued_edits: int = 10_000
     max_new_tokens: int = 64
     max_generate_batch: int = 16  # concurrent generate requests served in one padded batch
+    max_prompt_chars: int = 2000
     rollback_timeout_s: float = 600.0
-    generate_timeout_s: float = 600.0
+    ssl_certfile: str | None = None  # both given: serve HTTPS (uvicorn's TLS)
+    ssl_keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or len(self.token) < 8:
             raise ValueError("the service token must be a string of at least 8 characters")
-
-
-class ApiError(Exception):
-    """An HTTP error with a JSON body ``{"error": {"code", "message"}}``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both a certificate file and its key file")
 
 
 class EditService:
@@ -83,7 +85,13 @@ class EditService:
         self.store = store
         self.config = config
         self.replicas = ServingReplicas(make_replica)
-        self.generator = GenerationBatcher(self.replicas, config.max_generate_batch)
+        self.unedited = UneditedModel(make_replica)
+        self.metrics = ServiceMetrics(store.counts, lambda: self.generator.queue_depth())
+        self.generator = GenerationBatcher(
+            {"edited": self.replicas, "base": self.unedited},
+            config.max_generate_batch,
+            observe=self.metrics.generation_seconds.observe,
+        )
         self._jobs: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -92,25 +100,51 @@ class EditService:
         self.writer_error: str | None = None
         self._publish()
         self._writer = threading.Thread(target=self._writer_loop, name="lemoe-writer", daemon=True)
-        self._httpd: ThreadingHTTPServer | None = None
+        self._server: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> tuple[str, int]:
-        handler = type("Handler", (_Handler,), {"service": self})
-        self._httpd = ThreadingHTTPServer((self.config.host, self.config.port), handler)
-        self._httpd.daemon_threads = True
+    def start(self, timeout_s: float = 60.0) -> tuple[str, int]:
+        """Serve on ``config.host:config.port`` (port 0: any free port) from a thread; (host, port)."""
+        from lemoe.service.app import create_app
+
+        c = self.config
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((c.host, c.port))
+        server_config = uvicorn.Config(
+            create_app(self),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=c.ssl_certfile,
+            ssl_keyfile=c.ssl_keyfile,
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(server_config)
         self._writer.start()
-        self._http_thread = threading.Thread(target=self._httpd.serve_forever, name="lemoe-http", daemon=True)
+        self._http_thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="lemoe-http", daemon=True
+        )
         self._http_thread.start()
-        host, port = self._httpd.server_address[:2]
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {c.host}:{c.port}")
+            time.sleep(0.01)
+        host, port = sock.getsockname()[:2]
         return str(host), int(port)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.config.ssl_certfile else "http"
 
     def stop(self) -> None:
         """Stop accepting requests, let the writer finish its current batch, then return."""
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        if self._server is not None and self._http_thread is not None:
+            self._server.should_exit = True
+            self._http_thread.join()
         self._stop.set()
         self.wake()
         if self._writer.is_alive():
@@ -142,7 +176,15 @@ class EditService:
                         future.set_exception(e)
                     self._publish()
                     continue
-                if self.store.apply_pending(max_batches=1):
+                failed_before = self.store.counts().get("failed", 0)
+                try:
+                    applied = self.store.apply_pending(max_batches=1)
+                finally:
+                    self.metrics.edits_failed.inc(self.store.counts().get("failed", 0) - failed_before)
+                for batch in applied:
+                    self.metrics.edits_applied.inc(len(batch.seqs))
+                    self.metrics.batch_seconds.observe(batch.seconds)
+                if applied:
                     self._publish()
             except Exception as e:  # a failed batch is marked failed in the journal; keep serving
                 self.writer_error = f"{type(e).__name__}: {e}"
@@ -170,6 +212,7 @@ class EditService:
             raise ApiError(409, "duplicate_request_id", str(e)) from None
         except StoreBusyError as e:
             raise ApiError(429, "queue_full", str(e)) from None
+        self.metrics.edits_accepted.inc(sum(not d.duplicate for d in done))
         self.wake()
         return {"edits": [{"seq": d.seq, "request_id": d.request_id, "duplicate": d.duplicate} for d in done]}
 
@@ -197,20 +240,27 @@ class EditService:
             raise ApiError(409, "rollback_refused", str(e)) from None
         return {"rolled_back": undone}
 
-    def generate(self, payload: Any) -> dict[str, Any]:
-        if not isinstance(payload, dict) or "prompt" not in payload or set(payload) - {"prompt", "max_new_tokens"}:
-            raise ApiError(422, "invalid_generate", 'expected {"prompt": str, "max_new_tokens": int}')
-        prompt, n = payload["prompt"], payload.get("max_new_tokens", min(20, self.config.max_new_tokens))
+    def check_prompt(self, prompt: Any, code: str) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ApiError(422, "invalid_generate", "prompt must be a non-empty string")
-        if len(prompt) > MAX_GENERATE_PROMPT_CHARS or "\x00" in prompt or not _encodable(prompt):
-            limit = MAX_GENERATE_PROMPT_CHARS
-            raise ApiError(422, "invalid_generate", f"prompt must be valid text of at most {limit} characters")
-        if not _is_int(n) or not 1 <= n <= self.config.max_new_tokens:
+            raise ApiError(422, code, "prompt must be a non-empty string")
+        limit = self.config.max_prompt_chars
+        if len(prompt) > limit or "\x00" in prompt or not _encodable(prompt):
+            raise ApiError(422, code, f"prompt must be valid text of at most {limit} characters")
+
+    def generation_job(self, payload: Any) -> GenerationJob:
+        """A validated ``/v1/generate`` request as a job for the generation batcher."""
+        try:
+            body = GenerateIn.model_validate(payload)
+        except ValidationError as e:
+            from lemoe.service.app import _validation_message
+
+            raise ApiError(422, "invalid_generate", _validation_message(e.errors())) from None
+        self.check_prompt(body.prompt, "invalid_generate")
+        n = body.max_new_tokens if body.max_new_tokens is not None else min(20, self.config.max_new_tokens)
+        if not 1 <= n <= self.config.max_new_tokens:
             top = self.config.max_new_tokens
             raise ApiError(422, "invalid_generate", f"max_new_tokens must be an integer in 1..{top}")
-        text, version = self.generator.submit(prompt, n).result(timeout=self.config.generate_timeout_s)
-        return {"text": text, "state_version": version}
+        return GenerationJob(body.prompt, n, model=body.model)
 
     def list_edits(self, query: dict[str, list[str]]) -> dict[str, Any]:
         unknown = set(query) - {"status", "after", "limit"}
@@ -225,7 +275,7 @@ class EditService:
         return {"edits": [r.summary() for r in rows]}
 
     def get_edit(self, seq: int) -> dict[str, Any]:
-        row = self.store.edit(seq)
+        row = self.store.edit(seq) if 0 <= seq <= 2**62 else None
         if row is None:
             raise ApiError(404, "not_found", f"no edit {seq}")
         return row.summary()
@@ -281,140 +331,6 @@ def _int_param(query: dict[str, list[str]], name: str, default: int, lo: int, hi
     if not re.fullmatch(r"[0-9]{1,19}", text) or not lo <= int(text) <= hi:
         raise ApiError(400, "bad_query", f"{name} must be an integer in {lo}..{hi}")
     return int(text)
-
-
-_EDIT_PATH = re.compile(r"/v1/edits/([0-9]{1,19})")
-_ROUTES: dict[str, set[str]] = {
-    "/v1/health": {"GET"},
-    "/v1/store": {"GET"},
-    "/v1/edits": {"GET", "POST"},
-    "/v1/batches": {"GET"},
-    "/v1/rollback": {"POST"},
-    "/v1/generate": {"POST"},
-}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "lemoe"
-    timeout = 60  # seconds a client may take to send its request
-    service: EditService
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s - %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def __getattr__(self, name: str) -> Any:
-        # Any other verb (PUT, DELETE, FOO...) is a 405, not http.server's 501.
-        if name.startswith("do_"):
-            return lambda: self._handle(name[3:])
-        raise AttributeError(name)
-
-    def _handle(self, verb: str) -> None:
-        try:
-            status, body = self._route(verb)
-        except ApiError as e:
-            status, body = e.status, {"error": {"code": e.code, "message": e.message}}
-        except Exception as e:  # a bug: report it honestly as a 500, never crash the thread
-            log.exception("internal error")
-            status, body = 500, {"error": {"code": "internal", "message": f"{type(e).__name__}: {e}"}}
-        self._send(status, body)
-
-    def _route(self, verb: str) -> tuple[int, Any]:
-        url = urlsplit(self.path)
-        path = url.path.rstrip("/") or "/"
-        match = _EDIT_PATH.fullmatch(path)
-        allowed = {"GET"} if match else _ROUTES.get(path)
-        payload = self._read_body(verb)  # always consume the body so keep-alive stays in sync
-        if allowed is None:
-            raise ApiError(404, "not_found", f"no route {path!r}")
-        if verb not in allowed:
-            raise ApiError(405, "method_not_allowed", f"{verb} {path}: allowed {', '.join(sorted(allowed))}")
-        if path == "/v1/health":
-            return 200, {"status": "ok"}
-        self._authenticate()
-        if verb == "POST" and payload is None:
-            raise ApiError(400, "missing_body", "this route needs a JSON body")
-        svc = self.service
-        if match:
-            return 200, svc.get_edit(int(match.group(1)))
-        query = parse_qs(url.query, keep_blank_values=True)
-        if path != "/v1/edits" and query:
-            raise ApiError(400, "bad_query", f"{path} takes no query parameters")
-        if path == "/v1/store":
-            return 200, svc.info()
-        if path == "/v1/batches":
-            return 200, svc.list_batches()
-        if path == "/v1/edits":
-            return (202, svc.submit(payload)) if verb == "POST" else (200, svc.list_edits(query))
-        if path == "/v1/rollback":
-            return 200, svc.rollback(payload)
-        return 200, svc.generate(payload)
-
-    def _authenticate(self) -> None:
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), self.service.config.token.encode()
-        ):
-            raise ApiError(401, "unauthorized", "missing or wrong token (Authorization: Bearer TOKEN)")
-
-    def _read_body(self, verb: str) -> Any:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise ApiError(411, "length_required", "chunked bodies are not accepted; send Content-Length")
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            if verb == "POST":
-                self.close_connection = True
-                raise ApiError(411, "length_required", "POST needs a Content-Length header")
-            return None
-        if not re.fullmatch(r"[0-9]{1,19}", length_text.strip()):
-            self.close_connection = True
-            raise ApiError(400, "bad_length", "Content-Length must be a non-negative integer")
-        length = int(length_text)
-        if length > self.service.config.max_body_bytes:
-            self.close_connection = True
-            limit = self.service.config.max_body_bytes
-            raise ApiError(413, "too_large", f"body of {length} bytes; the limit is {limit}")
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) != length:
-            self.close_connection = True
-            raise ApiError(400, "short_body", "the body ended before Content-Length bytes")
-        if not raw:
-            return None
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "bad_encoding", "the body is not UTF-8") from None
-        except RecursionError:
-            raise ApiError(400, "bad_json", "JSON nested too deeply") from None
-        except ValueError as e:
-            raise ApiError(400, "bad_json", f"malformed JSON: {e}") from None
-
-    def _send(self, status: int, body: Any) -> None:
-        data = json.dumps(body, ensure_ascii=True).encode("ascii")  # ASCII: safe for any text
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", 'Bearer realm="lemoe"')
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
 
 
 def wait_until_idle(service: EditService, timeout_s: float = 600.0) -> bool:
