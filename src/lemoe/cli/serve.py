@@ -33,6 +33,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lemoe.store import EditStore
 
     root = Path(args.store)
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    for tls_file in (args.ssl_certfile, args.ssl_keyfile):
+        if tls_file is not None and not Path(tls_file).is_file():
+            raise FileNotFoundError(f"no such TLS file: {tls_file}")
     store = EditStore.open(root, device=args.device)
     token = _token(args, root)
     config = ServiceConfig(
@@ -42,13 +47,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_requests_per_submit=args.max_requests,
         max_new_tokens=args.max_new_tokens,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
 
     # adaptor methods (LEMoE): replicas share the writer's base weights; others load their own
     service = EditService(store, config, replica_factory(store, device=args.device))
     host, port = service.start()
     where = "LEMOE_SERVE_TOKEN" if os.environ.get("LEMOE_SERVE_TOKEN") else (args.token_file or root / TOKEN_FILE)
-    print(f"serving {root} on http://{host}:{port} (token: {where})", flush=True)
+    print(f"serving {root} on {service.scheme}://{host}:{port} (token: {where}; console: /console/)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -74,4 +81,6 @@ def add_serve_command(subparsers: Any) -> None:
     serve.add_argument("--max-requests", type=int, default=64, help="requests per submission")
     serve.add_argument("--max-new-tokens", type=int, default=64)
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--ssl-certfile", default=None, help="PEM certificate: serve HTTPS (with --ssl-keyfile)")
+    serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     serve.set_defaults(func=cmd_serve)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lemoe.service import schemas
-from lemoe.service.errors import ApiError
+from lemoe.service.errors import ApiError, openai_type
 from lemoe.service.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -58,11 +58,14 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def error_response(status: int, code: str, message: str, *, close: bool = False) -> AsciiJSONResponse:
+def error_response(
+    status: int, code: str, message: str, *, param: str | None = None, close: bool = False
+) -> AsciiJSONResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="lemoe"'} if status == 401 else {}
     if close:
         headers["Connection"] = "close"
-    return AsciiJSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    error = {"code": code, "message": message, "type": openai_type(status), "param": param}
+    return AsciiJSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -137,7 +140,12 @@ def _ref(model: type[schemas.BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-BODY_MODELS: list[type[schemas.BaseModel]] = [schemas.SubmitIn, schemas.EditRequestIn, schemas.RollbackIn]
+BODY_MODELS: list[type[schemas.BaseModel]] = [
+    schemas.SubmitIn,
+    schemas.EditRequestIn,
+    schemas.RollbackIn,
+    schemas.GenerateIn,
+]
 
 
 def create_app(service: EditService) -> FastAPI:
@@ -163,7 +171,7 @@ def create_app(service: EditService) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Response:
-        return error_response(e.status, e.code, e.message)
+        return error_response(e.status, e.code, e.message, param=e.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
@@ -176,7 +184,7 @@ def create_app(service: EditService) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> Response:
-        return error_response(422, "invalid_request", _validation_message(e.errors()))
+        return error_response(422, "invalid_request", _validation_message(e.errors()), param=first_param(e.errors()))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception) -> Response:  # reported honestly as a 500
@@ -280,6 +288,13 @@ def _publish_body_models(app: FastAPI, models: list[type[schemas.BaseModel]]) ->
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def first_param(errors: Any) -> str | None:
+    """The dotted path of the first invalid field (OpenAI's ``param``), or None for the body as a whole."""
+    for err in list(errors)[:1]:
+        return ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+    return None
 
 
 def _validation_message(errors: Any) -> str:

@@ -25,7 +25,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lemoe.service.app import Body, _validation_message
+from lemoe.service.app import Body, _validation_message, first_param
 from lemoe.service.errors import ApiError
 from lemoe.service.generation import GenerationJob, GenerationResult, NoChatTemplateError
 
@@ -89,22 +89,22 @@ def openai_router(service: EditService) -> APIRouter:
             return "edited"
         if name == "base":
             return "base"
-        raise ApiError(404, "model_not_found", f"model {name!r}: ask 'edited' (or {store_model!r}) or 'base'")
+        raise ApiError(404, "model_not_found", f"model {name!r}: ask 'edited' (or {store_model!r}) or 'base'", "model")
 
     def parse(model: type[_Request], payload: Any) -> Any:
         try:
             body = model.model_validate(payload)
         except ValidationError as e:
-            raise ApiError(422, "invalid_request", _validation_message(e.errors())) from None
+            raise ApiError(422, "invalid_request", _validation_message(e.errors()), first_param(e.errors())) from None
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(422, "invalid_request", "stop: at most 4 non-empty strings")
+            raise ApiError(422, "invalid_request", "stop: at most 4 non-empty strings", "stop")
         return body
 
     def limit(asked: int | None) -> int:
         n = asked if asked is not None else config.max_new_tokens
         if n > config.max_new_tokens:
-            raise ApiError(422, "invalid_request", f"max_tokens must be at most {config.max_new_tokens}")
+            raise ApiError(422, "invalid_request", f"max_tokens must be at most {config.max_new_tokens}", "max_tokens")
         return n
 
     @router.get("/models")
@@ -143,7 +143,7 @@ async def _answer(service: EditService, body: Any, model: str, prompt: Any, n: i
     if chat:
         limit = service.config.max_prompt_chars
         if any(len(m["content"]) > limit for m in prompt):
-            raise ApiError(422, "invalid_request", f"a message is over {limit} characters")
+            raise ApiError(422, "invalid_request", f"a message is over {limit} characters", "messages")
     stops = tuple([body.stop] if isinstance(body.stop, str) else (body.stop or []))
     kind = "chat.completion" if chat else "text_completion"
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -204,7 +204,16 @@ async def _answer(service: EditService, body: Any, model: str, prompt: Any, n: i
         try:
             result = future.result()
         except Exception as e:  # after the headers: the error travels as an event
-            yield _event({"error": {"code": "generation_failed", "message": f"{type(e).__name__}: {e}"}})
+            yield _event(
+                {
+                    "error": {
+                        "code": "generation_failed",
+                        "message": f"{type(e).__name__}: {e}",
+                        "type": "server_error",
+                        "param": None,
+                    }
+                }
+            )
             return
         yield chunk(None if chat else "", result.finish_reason)
         if include_usage:

@@ -21,6 +21,8 @@ class _Strict(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable reason, e.g. invalid_request, too_large")
     message: str
+    type: str = Field(description="OpenAI's error type for the status, e.g. invalid_request_error")
+    param: str | None = Field(None, description="the offending field, when one is to blame")
 
 
 class ErrorBody(BaseModel):
